@@ -1,0 +1,119 @@
+"""Retrain flow: version_data -> preprocess -> train -> evaluate -> register -> promote.
+
+    python flows/retrain.py --pipeline pipelines/tiny-cpu.yaml [key.path=value ...]
+
+Thin Prefect wiring around plain phi3ops functions. Retries only on network-bound stages (DVC
+remote, MLflow); never on validation or training. One MLflow run per flow run; a failure marks
+the run FAILED and never reaches promotion, so `@champion` stays where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from phi3ops import data, evaluation, preprocess, registry, train
+from phi3ops.config import ProjectPaths, load_config, load_mlflow_config
+from phi3ops.modeling import load_tokenizer, resolve_model_path
+
+NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE}
+LOCAL = {"cache_policy": NO_CACHE}  # preprocess caches itself on (data md5, config, tokenizer)
+
+version_data = task(data.version_data, name="version_data", **NETWORK)
+preprocess_data = task(preprocess.preprocess, name="preprocess", **LOCAL)
+train_adapter = task(train.train, name="train", **LOCAL)
+evaluate_adapter = task(evaluation.evaluate_adapter, name="evaluate", **LOCAL)
+register_adapter = task(registry.register_adapter, name="register", **NETWORK)
+promote = task(registry.promote, name="promote", **NETWORK)
+
+
+def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{model}_{name}": value for model, scores in metrics.items()
+            for name, value in scores.items()}
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    pipeline: str = "pipelines/tiny-cpu.yaml", overrides: list[str] | None = None,
+    root: str = ".", mlflow_config: str = "mlflow.yaml",
+) -> dict:
+    logger = get_run_logger()
+    paths = ProjectPaths(root)
+    cfg = load_config(paths.pipeline(pipeline), overrides)
+    mcfg = load_mlflow_config(paths.pipeline(mlflow_config)).resolved(paths.root)
+    model_path = resolve_model_path(cfg.model, paths.models)  # fails fast if weights are missing
+
+    run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
+    try:
+        dataset = version_data(paths.root, cfg.data)
+        registry.log_tags(run_id, {"phi3ops.dataset_md5": dataset.md5,
+                                   "phi3ops.data_git_rev": dataset.git_rev})
+        tokenizer = load_tokenizer(cfg.model, paths.models)
+        prep = preprocess_data(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
+                               paths.processed)
+        logger.info("preprocess: %d accepted, %d quarantined %s (%s), %d duplicates%s",
+                    prep.n_accepted, prep.n_rejected, prep.rejected_by_rule,
+                    prep.quarantine_path, prep.n_duplicates, " [cached]" if prep.cached else "")
+        registry.log_metrics(run_id, {f"data_{k}": v for k, v in asdict(prep).items()
+                                      if k.startswith("n_")})
+        trained = train_adapter(cfg.model, cfg.peft_config, cfg.training_config,
+                                Path(prep.out_dir), paths.runs / run_id, paths.models,
+                                log_metrics=lambda m, step: registry.log_metrics(run_id, m, step))
+        scores = evaluate_adapter(cfg.model, cfg.evaluation, Path(prep.out_dir),
+                                  Path(trained.adapter_dir), paths.models)
+        metrics = flat_metrics(scores.metrics)
+        registry.log_metrics(run_id, metrics)
+        lineage = registry.Lineage(
+            dataset_md5=dataset.md5, data_git_rev=dataset.git_rev,
+            config_hash=cfg.config_hash(), code_git_rev=data.git_rev(paths.root),
+            pipeline=cfg.name, base_model=cfg.model.name_or_path,
+        )
+        base_dir = Path(model_path) if Path(model_path).is_dir() else None
+        version = register_adapter(mcfg, run_id, Path(trained.adapter_dir), base_dir, lineage,
+                                   metrics, cfg.evaluation.max_new_tokens)
+        decision = promote(mcfg, version.version)
+    except BaseException:
+        registry.end_run(run_id, failed=True)
+        raise
+    registry.end_run(run_id)
+
+    metric = mcfg.promotion.metric
+    summary = {
+        "run_id": run_id, "version": version.version, "promoted": decision.promoted,
+        "reason": decision.reason, "dataset_md5": dataset.md5, "metrics": metrics,
+        "train_loss": trained.train_loss, "rows_accepted": prep.n_accepted,
+        "rows_quarantined": prep.n_rejected,
+    }
+    create_markdown_artifact(
+        key="retrain-summary",
+        markdown=(
+            f"# retrain {cfg.name}\n\n"
+            f"- data: `{dataset.md5}` ({prep.n_accepted} rows accepted, "
+            f"{prep.n_rejected} quarantined)\n"
+            f"- MLflow run `{run_id}`, model `{mcfg.registered_model}` v{version.version}\n"
+            f"- {metric}: base {metrics[f'base_{metric}']:.4f}, "
+            f"tuned {metrics[f'tuned_{metric}']:.4f}\n"
+            f"- promotion: {'promoted' if decision.promoted else 'not promoted'}: "
+            f"{decision.reason}\n"
+        ),
+    )
+    logger.info("registered %s v%s; %s", mcfg.registered_model, version.version, decision.reason)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", default="pipelines/tiny-cpu.yaml")
+    parser.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    args = parser.parse_args(argv)
+    return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Base model and tokenizer: a hub id or local directory, or the tiny Phi-3 built here for CPU.
+
+    phi3ops build-tiny --pipeline pipelines/tiny-cpu.yaml
+
+The tiny model is a real `Phi3ForCausalLM` with small dimensions and a byte-level BPE tokenizer
+trained locally, carrying Phi-3's special tokens and chat template. It is saved with
+save_pretrained under a content-hash directory, so it loads like any hub model and is built once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from phi3ops.config import TINY_MODEL, ModelConfig, TinyModelConfig, sha256_json
+from phi3ops.demo_data import DEMO_SEED, DEMO_SIZE, generate_conversations, tokenizer_corpus
+
+log = logging.getLogger(__name__)
+# Bump when the builder changes what it produces: the hash (and so the cache entry) changes too.
+TINY_BUILDER_VERSION = 1
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>",
+                  "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Phi-3-mini-4k-instruct's template, with {% generation %} markers around assistant replies so
+# trainers can compute the loss on assistant turns only.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The configured base model cannot be loaded here; the message says how to fix it."""
+
+
+def tiny_model_dir(tiny: TinyModelConfig, cache_dir: Path) -> Path:
+    key = sha256_json({"builder": TINY_BUILDER_VERSION, "tiny": tiny.model_dump(),
+                       "template": PHI3_CHAT_TEMPLATE, "special": SPECIAL_TOKENS})
+    return cache_dir / f"{TINY_MODEL}-{key[:12]}"
+
+
+def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the demo corpus: no unknown bytes, Phi-3's specials and template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    # Like Phi-3's tokenizer: a <s> in front of every encoded text.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>",
+        pad_token="<|endoftext|>", chat_template=PHI3_CHAT_TEMPLATE, model_max_length=4096,
+        padding_side="right",
+    )
+
+
+def build_tiny_model(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Phi3ForCausalLM:
+    torch.manual_seed(tiny.seed)
+    config = Phi3Config(
+        vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        original_max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    model = Phi3ForCausalLM(config)
+    # Phi-3 stops on <|end|> as well as <|endoftext|>.
+    model.generation_config.eos_token_id = [
+        tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id
+    ]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def pretrain_tiny_model(
+    model: Phi3ForCausalLM, tokenizer: PreTrainedTokenizerFast, tiny: TinyModelConfig,
+    batch_size: int = 32,
+) -> None:
+    """Full-parameter causal-LM training on plain text (no chat markup), nanoGPT style.
+
+    This makes the tiny base behave like a real pretrained model: it knows the facts as prose
+    but not Phi-3's chat format, which is what LoRA fine-tuning then teaches it.
+    """
+    texts = [" ".join(m["content"] for m in row["messages"])
+             for row in generate_conversations(4 * DEMO_SIZE, DEMO_SEED + 1)]
+    generator = torch.Generator().manual_seed(tiny.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_learning_rate,
+                                  weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=tiny.pretrain_learning_rate, total_steps=tiny.pretrain_steps,
+        pct_start=0.05,
+    )
+    model.train()
+    for _ in range(tiny.pretrain_steps):
+        picks = torch.randint(len(texts), (batch_size,), generator=generator).tolist()
+        batch = tokenizer([texts[i] + tokenizer.eos_token for i in picks], return_tensors="pt",
+                          padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    log.info("pretrained tiny base for %d steps, final loss %.3f", tiny.pretrain_steps, loss.item())
+
+
+def ensure_tiny_model(tiny: TinyModelConfig, cache_dir: Path) -> Path:
+    """Build the tiny model once per config hash; later calls return the cached directory."""
+    target = tiny_model_dir(tiny, cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+    tokenizer = build_tiny_tokenizer(tiny.vocab_size)
+    model = build_tiny_model(tiny, tokenizer)
+    if tiny.pretrain_steps:
+        pretrain_tiny_model(model, tokenizer, tiny)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: a half-built model is never visible under `target`
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model: ModelConfig, cache_dir: Path) -> str:
+    """Local directory for the weights, or a clear error before anything heavy starts."""
+    if model.name_or_path == TINY_MODEL:
+        assert model.tiny is not None  # guaranteed by PipelineConfig validation
+        return str(ensure_tiny_model(model.tiny, cache_dir))
+    local = Path(model.name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotAvailableError(f"{local}: not a model directory (no config.json)")
+        return str(local)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    cached = try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision)
+    if offline and not isinstance(cached, str):
+        raise ModelNotAvailableError(
+            f"base model '{model.name_or_path}' is not available: HF_HUB_OFFLINE=1 and its weights "
+            "are not in the Hugging Face cache. Fix: on a machine with hub access run "
+            f"`hf download {model.name_or_path}` (same HF_HOME), or set model.name_or_path to a "
+            "local directory holding config.json, the tokenizer and *.safetensors."
+        )
+    return model.name_or_path
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' means bf16 on a GPU that supports it and fp32 on CPU."""
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def _wrap_load_error(model: ModelConfig, err: Exception) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"could not load base model '{model.name_or_path}': {type(err).__name__}: {err}. "
+        "Check the hub id or local path, hub access (HF_TOKEN in the environment for gated "
+        "models), and that the weights are safetensors."
+    )
+
+
+def load_tokenizer(model: ModelConfig, cache_dir: Path) -> PreTrainedTokenizerFast:
+    path = resolve_model_path(model, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=model.revision, trust_remote_code=False
+        )
+    except OSError as e:
+        raise _wrap_load_error(model, e) from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: ModelConfig, cache_dir: Path, use_cache: bool = True) -> PreTrainedModel:
+    path = resolve_model_path(model, cache_dir)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, revision=model.revision, dtype=resolve_dtype(model.dtype),
+            attn_implementation=model.attn_implementation, use_cache=use_cache,
+            trust_remote_code=False, use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise _wrap_load_error(model, e) from e

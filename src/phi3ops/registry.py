@@ -1,0 +1,183 @@
+"""MLflow tracking and model registry: runs, the registered adapter, its lineage and aliases.
+
+    phi3ops promote --version 3
+
+Promotion is an alias move: every registered version gets `@challenger`; `@champion` moves only
+when the challenger beats the champion (and the base model) on the policy's metric in mlflow.yaml.
+Each decision and its reason is written to the version's tags.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from phi3ops.config import MlflowConfig, PipelineConfig
+from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
+
+RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
+                    "mlflow", "pandas")
+
+
+@dataclass
+class Lineage:
+    dataset_md5: str
+    data_git_rev: str
+    config_hash: str
+    code_git_rev: str
+    pipeline: str
+    base_model: str
+
+    def tags(self) -> dict[str, str]:
+        return {f"phi3ops.{k}": v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class PromotionDecision:
+    version: str
+    promoted: bool
+    reason: str
+    previous_champion: str | None
+
+
+def connect(cfg: MlflowConfig) -> str:
+    """Point MLflow at the configured server or file and return the experiment id."""
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=(
+            None if cfg.tracking_uri.startswith("http") else cfg.artifact_location))
+    except MlflowException:  # created concurrently
+        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def start_run(cfg: MlflowConfig, pipeline: PipelineConfig, run_name: str | None = None) -> str:
+    """Create the run of one retrain and record the resolved config as params and config.yaml."""
+    experiment_id = connect(cfg)
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={"phi3ops.pipeline": pipeline.name,
+                                  "phi3ops.config_hash": pipeline.config_hash()})
+    run_id = run.info.run_id
+    for section in ("training_config", "peft_config"):
+        params = getattr(pipeline, section).model_dump(mode="json")
+        for key, value in params.items():
+            client.log_param(run_id, f"{section}.{key}", value)
+    client.log_param(run_id, "model.name_or_path", pipeline.model.name_or_path)
+    client.log_text(run_id, yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False),
+                    "config.yaml")
+    return run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    MlflowClient().log_batch(run_id, metrics=[
+        mlflow.entities.Metric(k, float(v), mlflow.utils.time.get_current_time_millis(), step or 0)
+        for k, v in metrics.items()
+    ])
+
+
+def log_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def end_run(run_id: str, failed: bool = False) -> None:
+    MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def register_adapter(
+    cfg: MlflowConfig, run_id: str, adapter_dir: Path, base_dir: Path | None,
+    lineage: Lineage, metrics: dict[str, float], max_new_tokens: int,
+) -> ModelVersion:
+    """Log the adapter as a pyfunc model in the run, register it and set `@challenger`."""
+    connect(cfg)
+    signature = infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."])
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="adapter",
+            python_model=MODEL_CODE,
+            artifacts=model_artifacts(adapter_dir, base_dir),
+            model_config={"base_model": lineage.base_model, "max_new_tokens": max_new_tokens},
+            signature=signature,
+            input_example=INPUT_EXAMPLE,
+            pip_requirements=[f"{p}=={installed_version(p)}" for p in RUNTIME_PACKAGES],
+        )
+    version = mlflow.register_model(info.model_uri, cfg.registered_model,
+                                    tags={**lineage.tags(), "phi3ops.artifact_type": "adapter",
+                                          "phi3ops.run_id": run_id})
+    client = MlflowClient()
+    for key, value in metrics.items():
+        client.set_model_version_tag(cfg.registered_model, version.version, f"metric.{key}",
+                                     repr(float(value)))
+    client.set_registered_model_alias(cfg.registered_model, cfg.challenger_alias, version.version)
+    return version
+
+
+def alias_version(cfg: MlflowConfig, alias: str) -> ModelVersion | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(cfg.registered_model, alias)
+    except MlflowException:
+        return None
+
+
+def version_metric(mv: ModelVersion, metric: str) -> float:
+    try:
+        return float(mv.tags[f"metric.tuned_{metric}"])
+    except (KeyError, ValueError):
+        return math.nan
+
+
+def decide(cfg: MlflowConfig, candidate: ModelVersion, champion: ModelVersion | None) -> tuple[bool, str]:
+    """Apply the promotion policy; any missing or NaN metric means no promotion."""
+    policy = cfg.promotion
+    value = version_metric(candidate, policy.metric)
+    if not math.isfinite(value):
+        return False, f"tuned {policy.metric} missing or not finite"
+    if policy.must_beat_base:
+        base = float(candidate.tags.get(f"metric.base_{policy.metric}", "nan"))
+        if not math.isfinite(base) or value <= base:
+            return False, f"tuned {policy.metric} {value:.4f} does not beat base {base:.4f}"
+    if champion is None:
+        return True, f"first champion ({policy.metric} {value:.4f})"
+    best = version_metric(champion, policy.metric)
+    if math.isfinite(best) and value <= best + policy.min_gain:
+        return False, (f"{policy.metric} {value:.4f} does not beat champion v{champion.version} "
+                       f"{best:.4f} by more than {policy.min_gain}")
+    return True, f"{policy.metric} {value:.4f} beats champion v{champion.version} ({best:.4f})"
+
+
+def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
+    """Move `@champion` to `version` if the policy allows; record the decision on its tags."""
+    connect(cfg)
+    client = MlflowClient()
+    candidate = client.get_model_version(cfg.registered_model, version)
+    champion = alias_version(cfg, cfg.champion_alias)
+    if champion is not None and champion.version == candidate.version:
+        return PromotionDecision(version, False, "already champion", champion.version)
+    promoted, reason = decide(cfg, candidate, champion)
+    if promoted:
+        client.set_registered_model_alias(cfg.registered_model, cfg.champion_alias, version)
+    client.set_model_version_tag(cfg.registered_model, version, "promotion.decision",
+                                 "promoted" if promoted else "rejected")
+    client.set_model_version_tag(cfg.registered_model, version, "promotion.reason", reason)
+    return PromotionDecision(version, promoted, reason,
+                             champion.version if champion is not None else None)
+
+
+def load_registered(cfg: MlflowConfig, alias: str):
+    """The pyfunc model behind `models:/<name>@<alias>`."""
+    connect(cfg)
+    return mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}@{alias}")

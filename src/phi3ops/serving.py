@@ -1,0 +1,66 @@
+"""The registered model's MLflow pyfunc flavour: chat messages in, the assistant's reply out.
+
+    mlflow.pyfunc.load_model("models:/phi3ops-chat@champion").predict(
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}]})
+
+Artifacts: the LoRA adapter with its tokenizer, and, when the base model was built locally (the
+tiny profile), the base weights too; a hub base is referenced by id in the model config and loaded
+from the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+MODEL_CODE = str(Path(__file__).with_name("chat_model_code.py"))  # logged as models-from-code
+INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+def to_conversations(model_input: Any) -> list[list[dict]]:
+    """Accept what MLflow hands predict(): a DataFrame with a 'messages' column, or one dict."""
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame([model_input])
+    if not isinstance(model_input, pd.DataFrame) or "messages" not in model_input.columns:
+        raise ValueError("input must have a 'messages' column of chat turns")
+    return [[{"role": t["role"], "content": t["content"]} for t in turns]
+            for turns in model_input["messages"]]
+
+
+class Phi3ChatModel(mlflow.pyfunc.PythonModel):
+    """Loads base + adapter once; answers each conversation greedily."""
+
+    def load_context(self, context):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        config = context.model_config or {}
+        adapter_dir = context.artifacts["adapter"]
+        base = context.artifacts.get("base_model") or config["base_model"]
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, revision=config.get("base_revision"), trust_remote_code=False,
+            use_safetensors=True, dtype="auto",
+        )
+        self.model = PeftModel.from_pretrained(model, adapter_dir).eval()
+        self.max_new_tokens = int(config.get("max_new_tokens", 64))
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        from phi3ops.evaluation import generate_replies
+
+        params = params or {}
+        return generate_replies(
+            self.model, self.tokenizer, to_conversations(model_input),
+            max_new_tokens=int(params.get("max_new_tokens", self.max_new_tokens)),
+            batch_size=int(params.get("batch_size", 8)),
+        )
+
+
+def model_artifacts(adapter_dir: Path, base_dir: Path | None) -> dict[str, str]:
+    artifacts = {"adapter": str(adapter_dir)}
+    if base_dir is not None:
+        artifacts["base_model"] = str(base_dir)
+    return artifacts
