@@ -84,7 +84,7 @@ def retrain(
 
     metric = mcfg.promotion.metric
     summary = {
-        "run_id": run_id, "version": version.version, "promoted": decision.promoted,
+        "run_id": run_id, "version": int(version.version), "promoted": decision.promoted,
         "reason": decision.reason, "dataset_md5": dataset.md5, "metrics": metrics,
         "train_loss": trained.train_loss, "rows_accepted": prep.n_accepted,
         "rows_quarantined": prep.n_rejected,

@@ -30,7 +30,7 @@ DEFAULT_PIPELINE = Path("pipelines/tiny-cpu.yaml")
 
 
 def _load_flow_module(root: Path):
-    """Import flows/retrain.py from the project: the CLI is a front door, the flow stays in flows/."""
+    """Import flows/retrain.py by path: the CLI is a front door; the flow stays in flows/."""
     path = root / "flows" / "retrain.py"
     if not path.is_file():
         raise ConfigError(f"{path}: flow file not found (is --root the project root?)")
@@ -114,12 +114,14 @@ def main() -> None:
     logging.getLogger("phi3ops").setLevel(logging.INFO)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from mlflow.exceptions import MlflowException
+
     from phi3ops.data import DataError
     from phi3ops.modeling import ModelNotAvailableError
 
     try:
         app()
-    except (ConfigError, ModelNotAvailableError, DataError) as e:
+    except (ConfigError, ModelNotAvailableError, DataError, MlflowException) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
 

@@ -107,7 +107,7 @@ class PeftLoraConfig(_Frozen):
 
 
 class EvaluationConfig(_Frozen):
-    max_samples: int | None = Field(64, gt=0, description="held-out conversations scored; null = all")
+    max_samples: int | None = Field(64, gt=0, description="held-out conversations; null = all")
     max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(16, gt=0)
 

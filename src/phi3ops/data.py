@@ -68,9 +68,9 @@ def count_rows(data_dir: Path) -> tuple[int, int]:
     return rows, len(files)
 
 
-def _fetch_missing(repo: Repo, data_dir: Path, cfg: DataConfig) -> str:
+def _fetch_missing(repo: Repo, data_dir: Path, dvc_file: Path, cfg: DataConfig) -> str:
     try:
-        repo.pull(targets=[cfg.dvc_file])
+        repo.pull(targets=[str(dvc_file)])
         return "pulled"
     except DvcException as e:
         if not cfg.demo_if_missing:
@@ -91,14 +91,14 @@ def version_data(root: Path, cfg: DataConfig) -> DatasetVersion:
     except DvcException as e:
         raise DataError(f"{root}: not a DVC repository ({e}); run `dvc init` there") from e
     with repo:
-        source = "workspace" if data_dir.is_dir() else _fetch_missing(repo, data_dir, cfg)
+        source = "workspace" if data_dir.is_dir() else _fetch_missing(repo, data_dir, dvc_file, cfg)
         before = recorded_md5(dvc_file)
-        repo.add(cfg.path)
+        repo.add(str(data_dir))
         md5 = recorded_md5(dvc_file)
         assert md5 is not None  # dvc add just wrote it
         if cfg.push:
             try:
-                repo.push(targets=[cfg.dvc_file])
+                repo.push(targets=[str(dvc_file)])
             except DvcException as e:
                 raise DataError(f"`dvc push {cfg.dvc_file}` failed: {e}") from e
     n_rows, n_files = count_rows(data_dir)

@@ -98,6 +98,6 @@ def evaluate_adapter(
     samples = [
         {"prompt": p[-1]["content"], "reference": ref,
          **{f"{name}_answer": answers[name][i] for name in answers}}
-        for i, (p, ref) in enumerate(zip(prompts, references))
+        for i, (p, ref) in enumerate(zip(prompts, references, strict=True))
     ]
     return EvalResult(metrics=metrics, samples=samples)

@@ -59,7 +59,8 @@ def tiny_model_dir(tiny: TinyModelConfig, cache_dir: Path) -> Path:
 
 
 def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the demo corpus: no unknown bytes, Phi-3's specials and template."""
+    """Byte-level BPE trained on the demo corpus (so no byte is unknown), with Phi-3's special
+    tokens and chat template."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -96,7 +96,8 @@ def validate_row(raw: bytes) -> dict:
         if role not in ROLES:
             raise RowError("bad_role", f"messages[{i}].role {role!r} not in {list(ROLES)}")
         if not isinstance(content, str):
-            raise RowError("content_not_string", f"messages[{i}].content is {type(content).__name__}")
+            kind = type(content).__name__
+            raise RowError("content_not_string", f"messages[{i}].content is {kind}")
         if not content.strip():
             raise RowError("empty_content", f"messages[{i}].content is empty or whitespace")
         if role == "system" and i != 0:

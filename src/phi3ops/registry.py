@@ -140,7 +140,9 @@ def version_metric(mv: ModelVersion, metric: str) -> float:
         return math.nan
 
 
-def decide(cfg: MlflowConfig, candidate: ModelVersion, champion: ModelVersion | None) -> tuple[bool, str]:
+def decide(
+    cfg: MlflowConfig, candidate: ModelVersion, champion: ModelVersion | None,
+) -> tuple[bool, str]:
     """Apply the promotion policy; any missing or NaN metric means no promotion."""
     policy = cfg.promotion
     value = version_metric(candidate, policy.metric)

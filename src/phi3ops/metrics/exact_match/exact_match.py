@@ -32,6 +32,6 @@ class ExactMatch(evaluate.Metric):
     def _compute(self, predictions, references, ignore_case=True):
         hits = [
             _normalise(p, ignore_case) == _normalise(r, ignore_case)
-            for p, r in zip(predictions, references)
+            for p, r in zip(predictions, references, strict=True)
         ]
         return {"exact_match": float(sum(hits) / max(len(hits), 1))}

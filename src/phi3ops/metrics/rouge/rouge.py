@@ -4,7 +4,7 @@ import datasets
 import evaluate
 from rouge_score import rouge_scorer
 
-_DESCRIPTION = "ROUGE F-measure (rouge1, rouge2, rougeL, rougeLsum) between predictions and references."
+_DESCRIPTION = "ROUGE F-measure (rouge1, rouge2, rougeL, rougeLsum) of predictions vs references."
 _KWARGS = """
 predictions: list of generated strings.
 references: list of reference strings.
@@ -28,7 +28,8 @@ class Rouge(evaluate.Metric):
     def _compute(self, predictions, references, rouge_types=None, use_stemmer=False):
         rouge_types = rouge_types or ["rouge1", "rouge2", "rougeL", "rougeLsum"]
         scorer = rouge_scorer.RougeScorer(rouge_types=rouge_types, use_stemmer=use_stemmer)
-        scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions)]
+        pairs = zip(references, predictions, strict=True)
+        scores = [scorer.score(ref, pred) for ref, pred in pairs]
         # Plain mean of per-sample F-measures: deterministic, unlike a bootstrap midpoint.
         return {
             key: float(sum(s[key].fmeasure for s in scores) / max(len(scores), 1))

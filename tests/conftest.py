@@ -1,0 +1,110 @@
+"""Shared fixtures: real components only. The tiny base model is built once per session; MLflow
+runs as a real server subprocess on SQLite; Prefect uses one test harness per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# The default path must work offline; set before any Hugging Face import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["flows", "pipelines", "mlflow.yaml", "data.dvc", ".dvc/config", ".dvcignore",
+                 ".gitignore"]
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from phi3ops.config import load_config
+
+    return load_config(REPO / "pipelines" / "tiny-cpu.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_config, tmp_path_factory) -> Path:
+    """A model cache holding the default tiny Phi-3, built once for the whole session."""
+    from phi3ops.modeling import ensure_tiny_model
+
+    cache = tmp_path_factory.mktemp("models")
+    ensure_tiny_model(tiny_config.model.tiny, cache)
+    return cache
+
+
+@pytest.fixture
+def project(tmp_path, tiny_models) -> Path:
+    """A fresh clone of the project: git repo with data.dvc committed, no data/, empty remote."""
+    root = tmp_path / "project"
+    for name in PROJECT_FILES:
+        src, dst = REPO / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    (root / ".cache").mkdir()
+    (root / ".cache" / "models").symlink_to(tiny_models)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` on SQLite with served artifacts, on 127.0.0.1 and a free port."""
+    home = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log_text = (home / "server.log").read_text()
+                raise RuntimeError(f"mlflow server did not start:\n{log_text}") from None
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the session (it takes ~15 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,86 @@
+"""End to end: the Prefect retrain flow on a fresh clone, against a real MLflow server."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from phi3ops.data import recorded_md5
+from tests.conftest import git
+
+pytestmark = pytest.mark.slow
+MODEL = "phi3ops-chat"
+QUESTION = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+def load_flow(project):
+    path = project / "flows" / "retrain.py"
+    spec = importlib.util.spec_from_file_location("retrain_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefect_harness,
+                                                  monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    flow = load_flow(project)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+
+    first = flow.retrain(root=str(project))
+    metrics = first["metrics"]
+    assert metrics["tuned_rougeL"] > metrics["base_rougeL"] + 0.2, "fine-tuning must help"
+    assert metrics["tuned_exact_match"] > metrics["base_exact_match"]
+    assert first["rows_quarantined"] == 3 and first["rows_accepted"] == 1200
+    assert first["promoted"] and "first champion" in first["reason"]
+
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.version == str(first["version"])
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == champion.version
+    tags = champion.tags
+    assert tags["phi3ops.dataset_md5"] == recorded_md5(project / "data.dvc")
+    assert tags["phi3ops.code_git_rev"] == git(project, "rev-parse", "HEAD")
+    assert tags["phi3ops.data_git_rev"] == git(project, "rev-parse", "HEAD")
+    assert len(tags["phi3ops.config_hash"]) == 12
+    assert tags["phi3ops.artifact_type"] == "adapter"
+    assert tags["phi3ops.run_id"] == first["run_id"]
+
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["data_n_rejected"] == 3
+    assert len(client.get_metric_history(run.info.run_id, "loss")) > 5
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    assert "Paris" in model.predict(QUESTION)[0]
+
+    # The chat command loads the same champion in a fresh process, offline.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": mlflow_server}
+    chat = subprocess.run([sys.executable, "-m", "phi3ops.cli", "chat", "--root", str(project),
+                           "--alias", "champion", "What is the capital of Italy?"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert "Rome" in chat.stdout
+
+    # A second run on the same data and config: a new version, the champion stays.
+    second = flow.retrain(root=str(project))
+    assert second["version"] == first["version"] + 1
+    assert not second["promoted"] and "does not beat champion" in second["reason"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == str(first["version"])
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == str(second["version"])
+
+    # A run that fails (every row invalid) is marked FAILED and never moves an alias.
+    (project / "data" / "conversations.jsonl").write_text("{not json\n" * 20)
+    with pytest.raises(ValueError, match="too few valid conversations"):
+        flow.retrain(root=str(project))
+    failed = client.search_runs([run.info.experiment_id], order_by=["start_time DESC"],
+                                max_results=1)[0]
+    assert failed.info.status == "FAILED"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == str(first["version"])
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    assert max(int(v.version) for v in versions) == second["version"]

@@ -1,0 +1,78 @@
+"""Promotion policy against a real MLflow server (SQLite backend, subprocess)."""
+
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+from phi3ops.config import load_mlflow_config
+from phi3ops.registry import alias_version, connect, decide, promote
+from tests.conftest import REPO
+
+
+def version(n: int, **metrics: float) -> ModelVersion:
+    tags = [ModelVersionTag(f"metric.{k}", repr(v)) for k, v in metrics.items()]
+    return ModelVersion("m", str(n), 0, tags=tags)
+
+
+@pytest.fixture
+def mlflow_cfg(mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    name = f"chat-{uuid.uuid4().hex[:8]}"
+    return load_mlflow_config(REPO / "mlflow.yaml", [f"registered_model={name}"]).resolved(tmp_path)
+
+
+def register(cfg, **metrics: float) -> str:
+    client = MlflowClient()
+    try:
+        client.create_registered_model(cfg.registered_model)
+    except Exception:
+        pass  # already there
+    run = client.create_run(connect(cfg))
+    source = f"runs:/{run.info.run_id}/adapter"
+    mv = client.create_model_version(cfg.registered_model, source=source, run_id=run.info.run_id)
+    for key, value in metrics.items():
+        client.set_model_version_tag(cfg.registered_model, mv.version, f"metric.{key}", repr(value))
+    return mv.version
+
+
+def test_decide_first_champion_must_beat_base(mlflow_cfg):
+    ok, reason = decide(mlflow_cfg, version(1, tuned_rougeL=0.5, base_rougeL=0.2), None)
+    assert ok and "first champion" in reason
+    ok, reason = decide(mlflow_cfg, version(1, tuned_rougeL=0.2, base_rougeL=0.3), None)
+    assert not ok and "does not beat base" in reason
+
+
+def test_decide_never_promotes_on_nan_or_missing(mlflow_cfg):
+    assert not decide(mlflow_cfg, version(1, tuned_rougeL=float("nan"), base_rougeL=0.1), None)[0]
+    assert not decide(mlflow_cfg, version(1, base_rougeL=0.1), None)[0]
+    assert not decide(mlflow_cfg, version(1, tuned_rougeL=0.9), None)[0], "base metric missing"
+
+
+def test_decide_requires_more_than_min_gain(mlflow_cfg):
+    policy = mlflow_cfg.promotion.model_copy(update={"min_gain": 0.05})
+    cfg = mlflow_cfg.model_copy(update={"promotion": policy})
+    champion = version(1, tuned_rougeL=0.6, base_rougeL=0.1)
+    assert not decide(cfg, version(2, tuned_rougeL=0.64, base_rougeL=0.1), champion)[0]
+    assert decide(cfg, version(2, tuned_rougeL=0.7, base_rougeL=0.1), champion)[0]
+
+
+def test_champion_moves_only_to_a_better_version(mlflow_cfg):
+    client = MlflowClient()
+    v1 = register(mlflow_cfg, tuned_rougeL=0.5, base_rougeL=0.2)
+    assert promote(mlflow_cfg, v1).promoted
+    v2 = register(mlflow_cfg, tuned_rougeL=0.4, base_rougeL=0.2)
+    decision = promote(mlflow_cfg, v2)
+    assert not decision.promoted and decision.previous_champion == v1
+    assert alias_version(mlflow_cfg, "champion").version == v1
+    tags = client.get_model_version(mlflow_cfg.registered_model, v2).tags
+    assert tags["promotion.decision"] == "rejected"
+    assert "does not beat champion" in tags["promotion.reason"]
+    v3 = register(mlflow_cfg, tuned_rougeL=float("nan"), base_rougeL=0.2)
+    assert not promote(mlflow_cfg, v3).promoted
+    v4 = register(mlflow_cfg, tuned_rougeL=0.7, base_rougeL=0.2)
+    assert promote(mlflow_cfg, v4).promoted
+    assert alias_version(mlflow_cfg, "champion").version == v4
+    assert client.get_model_version(mlflow_cfg.registered_model, v4).tags[
+        "promotion.decision"] == "promoted"
