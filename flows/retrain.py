@@ -10,6 +10,7 @@ the run FAILED and never reaches promotion, so `@champion` stays where it was.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from phi3ops import data, evaluation, preprocess, registry, train
-from phi3ops.config import ProjectPaths, load_config, load_mlflow_config
-from phi3ops.modeling import load_tokenizer, resolve_model_path
+from phi3ops.config import ConfigError, ProjectPaths, load_config, load_mlflow_config
+from phi3ops.modeling import ModelNotAvailableError, load_tokenizer, resolve_model_path
 
 NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE}
 LOCAL = {"cache_policy": NO_CACHE}  # preprocess caches itself on (data md5, config, tokenizer)
@@ -61,6 +62,8 @@ def retrain(
                     prep.quarantine_path, prep.n_duplicates, " [cached]" if prep.cached else "")
         registry.log_metrics(run_id, {f"data_{k}": v for k, v in asdict(prep).items()
                                       if k.startswith("n_")})
+        if prep.n_rejected:
+            registry.log_file(run_id, prep.quarantine_path, "data")
         trained = train_adapter(cfg.model, cfg.peft_config, cfg.training_config,
                                 Path(prep.out_dir), paths.runs / run_id, paths.models,
                                 log_metrics=lambda m, step: registry.log_metrics(run_id, m, step))
@@ -68,6 +71,7 @@ def retrain(
                                   Path(trained.adapter_dir), paths.models)
         metrics = flat_metrics(scores.metrics)
         registry.log_metrics(run_id, metrics)
+        registry.log_samples(run_id, scores.samples, "eval/samples.json")
         lineage = registry.Lineage(
             dataset_md5=dataset.md5, data_git_rev=dataset.git_rev,
             config_hash=cfg.config_hash(), code_git_rev=data.git_rev(paths.root),
@@ -112,6 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
+    paths = ProjectPaths(args.root)
+    try:  # fail before Prefect starts, with the fix in the message rather than a traceback
+        resolve_model_path(load_config(paths.pipeline(args.pipeline), args.overrides).model,
+                           paths.models)
+    except (ConfigError, ModelNotAvailableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root)
 
 

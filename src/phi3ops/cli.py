@@ -46,14 +46,9 @@ def run(
     pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
 ):
     """Run the retrain flow: version data, preprocess, train, evaluate, register, promote."""
-    from phi3ops.modeling import resolve_model_path
-
     paths = ProjectPaths(root)
-    cfg = load_config(paths.pipeline(pipeline), overrides)
-    resolve_model_path(cfg.model, paths.models)  # fail before Prefect and DVC start
-    summary = _load_flow_module(paths.root).retrain(
-        pipeline=str(pipeline), overrides=overrides or [], root=str(paths.root)
-    )
+    argv = ["--pipeline", str(pipeline), "--root", str(paths.root), *(overrides or [])]
+    summary = _load_flow_module(paths.root).main(argv)
     typer.echo(json.dumps(summary, indent=2))
 
 

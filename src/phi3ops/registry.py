@@ -17,9 +17,11 @@ from pathlib import Path
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.utils.time import get_current_time_millis
 
 from phi3ops.config import MlflowConfig, PipelineConfig
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
@@ -71,27 +73,36 @@ def start_run(cfg: MlflowConfig, pipeline: PipelineConfig, run_name: str | None 
                             tags={"phi3ops.pipeline": pipeline.name,
                                   "phi3ops.config_hash": pipeline.config_hash()})
     run_id = run.info.run_id
+    params = {"model.name_or_path": pipeline.model.name_or_path}
     for section in ("training_config", "peft_config"):
-        params = getattr(pipeline, section).model_dump(mode="json")
-        for key, value in params.items():
-            client.log_param(run_id, f"{section}.{key}", value)
-    client.log_param(run_id, "model.name_or_path", pipeline.model.name_or_path)
+        for key, value in getattr(pipeline, section).model_dump(mode="json").items():
+            params[f"{section}.{key}"] = value
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(run_id, yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False),
                     "config.yaml")
     return run_id
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    now = get_current_time_millis()
     MlflowClient().log_batch(run_id, metrics=[
-        mlflow.entities.Metric(k, float(v), mlflow.utils.time.get_current_time_millis(), step or 0)
-        for k, v in metrics.items()
+        Metric(k, float(v), now, step or 0) for k, v in metrics.items()
     ])
 
 
 def log_tags(run_id: str, tags: dict[str, str]) -> None:
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def log_file(run_id: str, path: Path, artifact_dir: str) -> None:
+    MlflowClient().log_artifact(run_id, str(path), artifact_dir)
+
+
+def log_samples(run_id: str, samples: list[dict], artifact_file: str) -> None:
+    """Per-sample answers as an MLflow table (shown side by side in the UI's evaluation view)."""
+    if samples:
+        columns = {key: [s[key] for s in samples] for key in samples[0]}
+        MlflowClient().log_table(run_id, data=columns, artifact_file=artifact_file)
 
 
 def end_run(run_id: str, failed: bool = False) -> None:

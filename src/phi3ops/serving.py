@@ -48,7 +48,9 @@ class Phi3ChatModel(mlflow.pyfunc.PythonModel):
         self.model = PeftModel.from_pretrained(model, adapter_dir).eval()
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
 
-    def predict(self, context, model_input, params=None) -> list[str]:
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict | None = None,
+    ) -> list[str]:
         from phi3ops.evaluation import generate_replies
 
         params = params or {}
