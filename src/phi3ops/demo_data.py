@@ -1,6 +1,6 @@
 """Seeded generator of the demo chat-instruction dataset (the default data/ of a fresh clone).
 
-    phi3ops data demo --out data/conversations.jsonl
+    phi3ops data demo --out data        # writes data/conversations.jsonl
 
 The tasks are small closed-world facts and templates (capitals, opposites, colours, sums,
 follow-up questions) so a CPU-sized model learns them in minutes and fine-tuning measurably beats

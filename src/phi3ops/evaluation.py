@@ -1,6 +1,6 @@
 """Score base and tuned models on the held-out split with `evaluate` metrics kept in the package.
 
-    phi3ops evaluate --pipeline pipelines/tiny-cpu.yaml --adapter runs/<id>/adapter
+    phi3ops run evaluation.max_samples=128        # stage 4 of the retrain flow
 
 Each held-out conversation becomes a prompt (every turn before the last assistant reply) and a
 reference (that reply). Generation is greedy, batched with left padding, and stops at <|end|>.

@@ -1,6 +1,6 @@
 """Base model and tokenizer: a hub id or local directory, or the tiny Phi-3 built here for CPU.
 
-    phi3ops build-tiny --pipeline pipelines/tiny-cpu.yaml
+    phi3ops run        # builds the tiny base on first use; later runs load it from the cache
 
 The tiny model is a real `Phi3ForCausalLM` with small dimensions and a byte-level BPE tokenizer
 trained locally, carrying Phi-3's special tokens and chat template. It is saved with

@@ -1,6 +1,6 @@
 """Validate, deduplicate, split and measure the chat dataset; nothing is silently dropped.
 
-    phi3ops preprocess --pipeline pipelines/tiny-cpu.yaml
+    phi3ops run --pipeline pipelines/tiny-cpu.yaml      # stage 2 of the retrain flow
 
 Every input line is either accepted or written to quarantine.jsonl with `file`, `line`, `rule`,
 `detail` and the raw text. Output is a `datasets.DatasetDict` (train/test) saved under a

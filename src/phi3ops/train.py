@@ -1,6 +1,6 @@
 """LoRA fine-tuning with peft + trl's SFTTrainer, from the Cookbook's two dictionaries.
 
-    phi3ops train --pipeline pipelines/tiny-cpu.yaml
+    phi3ops run training_config.max_steps=50      # stage 3 of the retrain flow
 
 Reads like a recipe: build the LoRA config, the SFT config, the model and data; train with
 checkpoints every `save_steps` (resuming from the newest one in `out_dir`); save the adapter as
