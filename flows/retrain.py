@@ -19,8 +19,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from phi3ops import data, evaluation, preprocess, registry, train
-from phi3ops.config import ConfigError, ProjectPaths, load_config, load_mlflow_config
-from phi3ops.modeling import ModelNotAvailableError, load_tokenizer, resolve_model_path
+from phi3ops.config import ProjectPaths, load_config, load_mlflow_config
+from phi3ops.errors import Phi3opsError
+from phi3ops.modeling import load_tokenizer, resolve_model_path
 
 NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE}
 LOCAL = {"cache_policy": NO_CACHE}  # preprocess caches itself on (data md5, config, tokenizer)
@@ -57,11 +58,16 @@ def retrain(
         tokenizer = load_tokenizer(cfg.model, paths.models)
         prep = preprocess_data(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
                                paths.processed)
-        logger.info("preprocess: %d accepted, %d quarantined %s (%s), %d duplicates%s",
-                    prep.n_accepted, prep.n_rejected, prep.rejected_by_rule,
-                    prep.quarantine_path, prep.n_duplicates, " [cached]" if prep.cached else "")
+        logger.info("preprocess: %d accepted, %d quarantined %s (%s), %d duplicates, "
+                    "%d truncated, %d too long%s", prep.n_accepted, prep.n_rejected,
+                    prep.rejected_by_rule, prep.quarantine_path, prep.n_duplicates,
+                    prep.n_truncated, prep.n_too_long,
+                    " [cached: same data md5, config and tokenizer]" if prep.cached else "")
         registry.log_metrics(run_id, {f"data_{k}": v for k, v in asdict(prep).items()
-                                      if k.startswith("n_")})
+                                      if k.startswith(("n_", "p50_", "p95_", "max_"))})
+        registry.log_file(run_id, prep.histogram_path, "data")
+        registry.log_dict(run_id, {"rejected_by_rule": prep.rejected_by_rule,
+                                   "messages_by_role": prep.messages_by_role}, "data/stats.json")
         if prep.n_rejected:
             registry.log_file(run_id, prep.quarantine_path, "data")
         trained = train_adapter(cfg.model, cfg.peft_config, cfg.training_config,
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:  # fail before Prefect starts, with the fix in the message rather than a traceback
         resolve_model_path(load_config(paths.pipeline(args.pipeline), args.overrides).model,
                            paths.models)
-    except (ConfigError, ModelNotAvailableError) as e:
+    except Phi3opsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root)

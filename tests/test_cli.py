@@ -33,3 +33,21 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("run", "chat", "promote", "data"):
         assert command in result.stdout
+
+
+def test_data_validate_reports_rules_and_exit_code(tmp_path):
+    good = ('{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "assistant", "content": "hello"}]}')
+    (tmp_path / "ok.jsonl").write_text("\n".join([good] * 9 + ["{bad"]) + "\n")
+    result = phi3ops("data", "validate", str(tmp_path / "ok.jsonl"), "--quarantine",
+                     str(tmp_path / "q.jsonl"), "--root", str(REPO), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "10 lines: 9 accepted, 1 rejected" in result.stdout
+    assert "invalid_json: 1" in result.stdout
+    assert '"line": 10' in (tmp_path / "q.jsonl").read_text()
+
+    (tmp_path / "bad.jsonl").write_text("\n".join([good] * 5 + ["{bad"] * 5) + "\n")
+    result = phi3ops("data", "validate", str(tmp_path / "bad.jsonl"), "--quarantine",
+                     str(tmp_path / "q2.jsonl"), "--root", str(REPO), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "max_reject_fraction" in result.stderr

@@ -80,7 +80,7 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
 
     # A run that fails (every row invalid) is marked FAILED and never moves an alias.
     (project / "data" / "conversations.jsonl").write_text("{not json\n" * 20)
-    with pytest.raises(ValueError, match="too few valid conversations"):
+    with pytest.raises(ValueError, match="20 of 20 lines rejected"):
         flow.retrain(root=str(project))
     failed = client.search_runs([run.info.experiment_id], order_by=["start_time DESC"],
                                 max_results=1)[0]

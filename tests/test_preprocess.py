@@ -4,7 +4,8 @@ import pytest
 
 from phi3ops.config import PreprocessConfig
 from phi3ops.modeling import load_tokenizer
-from phi3ops.preprocess import RowError, load_processed, preprocess, split_of, validate_row
+from phi3ops.preprocess import load_processed, preprocess, split_of
+from phi3ops.validation import RowError, TooManyRejectedError, validate_row
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -31,6 +32,7 @@ def tokenizer(tiny_config, tiny_models):
     (b'{"messages": [{"role": "assistant", "content": "a"}]}', "first_not_user"),
     (b'{"messages": [{"role": "user"}]}', "bad_message"),
     (b"\xff\xfe{}", "invalid_utf8"),
+    (b"   \r\n", "empty_line"),
 ])
 def test_each_rule_is_named(raw, rule):
     with pytest.raises(RowError) as err:
@@ -103,7 +105,49 @@ def test_too_long_conversations_are_dropped_and_counted(tmp_path, tokenizer):
     assert result.n_too_long == 1 and result.n_train + result.n_test == 30
 
 
-def test_all_rows_bad_is_a_clear_error(tmp_path, tokenizer):
-    write(tmp_path / "data" / "a.jsonl", ["{bad"] * 5)
+def test_too_many_rejected_fails_and_keeps_the_quarantine(tmp_path, tokenizer):
+    write(tmp_path / "data" / "a.jsonl", ["{bad"] * 5 + [GOOD] * 5)
+    with pytest.raises(TooManyRejectedError, match="5 of 10 lines rejected") as err:
+        preprocess(tmp_path / "data", "md5", PreprocessConfig(), tokenizer, tmp_path / "out")
+    kept = [n for n in err.value.__notes__ if "rejected lines" in n][0].split(": ", 1)[1]
+    assert len(open(kept).read().splitlines()) == 5
+
+
+def test_too_few_valid_conversations_is_a_clear_error(tmp_path, tokenizer):
+    write(tmp_path / "data" / "a.jsonl", [GOOD])
     with pytest.raises(ValueError, match="too few valid conversations"):
         preprocess(tmp_path / "data", "md5", PreprocessConfig(), tokenizer, tmp_path / "out")
+
+
+def test_long_multi_turn_conversation_is_cut_at_a_turn_boundary(tmp_path, tokenizer):
+    long = {"messages": [{"role": "user", "content": "What is 1 plus 1?"},
+                         {"role": "assistant", "content": "1 plus 1 is 2."},
+                         {"role": "user", "content": "word " * 300},
+                         {"role": "assistant", "content": "ok"}]}
+    short = [{"messages": [{"role": "user", "content": f"n{i}"},
+                           {"role": "assistant", "content": "ok"}]} for i in range(30)]
+    write(tmp_path / "data" / "a.jsonl", [long] + short)
+    cfg = PreprocessConfig(max_length=64, test_fraction=0.2)
+    result = preprocess(tmp_path / "data", "md5", cfg, tokenizer, tmp_path / "out")
+    assert result.n_truncated == 1 and result.n_too_long == 0
+    dataset = load_processed(result.out_dir)
+    kept = [r for split in ("train", "test") for r in dataset[split]
+            if r["messages"][0]["content"] == "What is 1 plus 1?"]
+    assert [m["content"] for m in kept[0]["messages"]] == ["What is 1 plus 1?", "1 plus 1 is 2."]
+    assert kept[0]["n_tokens"] <= 64
+
+    dropped = preprocess(tmp_path / "data", "md5", cfg.model_copy(update={"overlength": "drop"}),
+                         tokenizer, tmp_path / "out")
+    assert dropped.n_truncated == 0 and dropped.n_too_long == 1
+
+
+def test_stats_count_roles_and_plot_lengths(tmp_path, tokenizer):
+    rows = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": f"n{i}"},
+                          {"role": "assistant", "content": "ok"}]} for i in range(30)]
+    write(tmp_path / "data" / "a.jsonl", rows)
+    result = preprocess(tmp_path / "data", "md5", PreprocessConfig(test_fraction=0.2), tokenizer,
+                        tmp_path / "out")
+    assert result.messages_by_role == {"system": 30, "user": 30, "assistant": 30}
+    assert result.histogram_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 < result.p50_tokens <= result.p95_tokens <= result.max_tokens

@@ -3,7 +3,7 @@
     phi3ops run --pipeline pipelines/tiny-cpu.yaml        # the whole retrain flow
     phi3ops chat --alias champion "What is the capital of France?"
     phi3ops promote --version 3
-    phi3ops data version | phi3ops data demo --out DIR
+    phi3ops data version | phi3ops data validate PATH | phi3ops data demo --out DIR
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Annotated
 
 import typer
 
-from phi3ops.config import ConfigError, ProjectPaths, load_config, load_mlflow_config
+from phi3ops.config import ProjectPaths, load_config, load_mlflow_config
+from phi3ops.errors import ConfigError, Phi3opsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Dataset versions (DVC).")
@@ -96,6 +97,29 @@ def data_version(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
         typer.echo("data.dvc changed: git add data.dvc && git commit -m 'data: new version'")
 
 
+@data_app.command("validate")
+def data_validate(
+    path: Annotated[Path, typer.Argument(help="a .jsonl file or a folder of them")],
+    quarantine: Annotated[Path, typer.Option(help="where rejected lines go")] = Path(
+        "quarantine.jsonl"),
+    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+):
+    """Check every line; rejected lines go to the quarantine file with file, line and rule."""
+    from phi3ops.validation import TooManyRejectedError, jsonl_files, validate_files
+
+    paths = ProjectPaths(root)
+    max_fraction = load_config(paths.pipeline(pipeline)).preprocess.max_reject_fraction
+    report = validate_files(jsonl_files(path), Path.cwd(), quarantine)
+    typer.echo(report.summary())
+    if report.n_rejected:
+        typer.echo(f"rejected lines: {quarantine}")
+    try:
+        report.check(max_fraction)
+    except TooManyRejectedError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 @data_app.command("demo")
 def data_demo(out: Annotated[Path, typer.Option(help="directory to write into")] = Path("data")):
     """Write the seeded demo chat dataset."""
@@ -109,14 +133,9 @@ def main() -> None:
     logging.getLogger("phi3ops").setLevel(logging.INFO)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from mlflow.exceptions import MlflowException
-
-    from phi3ops.data import DataError
-    from phi3ops.modeling import ModelNotAvailableError
-
     try:
         app()
-    except (ConfigError, ModelNotAvailableError, DataError, MlflowException) as e:
+    except Phi3opsError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
 

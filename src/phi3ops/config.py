@@ -17,16 +17,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from phi3ops.errors import ConfigError
+
 TINY_MODEL = "tiny-phi3"
 PHI3_FUSED_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # Names from Llama-style models that Phi-3 does not have: it fuses q/k/v into qkv_proj and
 # gate/up into gate_up_proj. peft would silently adapt only the remaining layers.
 UNFUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-
-
-class ConfigError(ValueError):
-    """A configuration file is invalid; the message names the file and every bad key."""
 
 
 class _Frozen(BaseModel):
@@ -69,7 +67,13 @@ class DataConfig(_Frozen):
 
 class PreprocessConfig(_Frozen):
     test_fraction: float = Field(0.1, gt=0, lt=1)
-    max_length: int = Field(512, gt=0, description="conversations longer than this are dropped")
+    max_length: int = Field(512, gt=0, description="token budget of one conversation")
+    overlength: Literal["truncate", "drop"] = Field(
+        "truncate", description="cut a longer conversation after its last fitting assistant turn"
+    )
+    max_reject_fraction: float = Field(
+        0.2, ge=0, le=1, description="fail the run when more of the input than this is rejected"
+    )
     seed: int = 0
 
 

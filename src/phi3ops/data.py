@@ -20,12 +20,9 @@ from dvc.repo import Repo
 
 from phi3ops.config import DataConfig
 from phi3ops.demo_data import write_demo_dataset
+from phi3ops.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """The dataset cannot be versioned or fetched; the message says what to do."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from transformers import (
 
 from phi3ops.config import TINY_MODEL, ModelConfig, TinyModelConfig, sha256_json
 from phi3ops.demo_data import DEMO_SEED, DEMO_SIZE, generate_conversations, tokenizer_corpus
+from phi3ops.errors import ModelNotAvailableError
 
 log = logging.getLogger(__name__)
 # Bump when the builder changes what it produces: the hash (and so the cache entry) changes too.
@@ -46,10 +47,6 @@ PHI3_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
-
-
-class ModelNotAvailableError(RuntimeError):
-    """The configured base model cannot be loaded here; the message says how to fix it."""
 
 
 def tiny_model_dir(tiny: TinyModelConfig, cache_dir: Path) -> Path:

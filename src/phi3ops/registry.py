@@ -24,6 +24,7 @@ from mlflow.models import infer_signature
 from mlflow.utils.time import get_current_time_millis
 
 from phi3ops.config import MlflowConfig, PipelineConfig
+from phi3ops.errors import RegistryError
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
 
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
@@ -96,6 +97,10 @@ def log_tags(run_id: str, tags: dict[str, str]) -> None:
 
 def log_file(run_id: str, path: Path, artifact_dir: str) -> None:
     MlflowClient().log_artifact(run_id, str(path), artifact_dir)
+
+
+def log_dict(run_id: str, obj: dict, artifact_file: str) -> None:
+    MlflowClient().log_dict(run_id, obj, artifact_file)
 
 
 def log_samples(run_id: str, samples: list[dict], artifact_file: str) -> None:
@@ -193,4 +198,9 @@ def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
 def load_registered(cfg: MlflowConfig, alias: str):
     """The pyfunc model behind `models:/<name>@<alias>`."""
     connect(cfg)
-    return mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}@{alias}")
+    uri = f"models:/{cfg.registered_model}@{alias}"
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as e:
+        raise RegistryError(f"cannot load {uri} from {cfg.tracking_uri}: {e.message}. "
+                            "Run `make run` first, or check the alias (`phi3ops promote`).") from e

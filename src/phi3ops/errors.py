@@ -1,0 +1,24 @@
+"""Errors a user can fix. The CLI prints their message, which says what to do, not a traceback.
+
+Kept free of heavy imports so `phi3ops --help` stays fast.
+"""
+
+
+class Phi3opsError(Exception):
+    """Base class: bad input or a missing resource, never a bug."""
+
+
+class ConfigError(Phi3opsError, ValueError):
+    """A configuration file is invalid; the message names the file and every bad key."""
+
+
+class DataError(Phi3opsError, RuntimeError):
+    """The dataset cannot be versioned or fetched; the message says what to do."""
+
+
+class ModelNotAvailableError(Phi3opsError, RuntimeError):
+    """The configured base model cannot be loaded here; the message says how to fix it."""
+
+
+class RegistryError(Phi3opsError, RuntimeError):
+    """A registered model or alias cannot be found or loaded."""
