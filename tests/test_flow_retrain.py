@@ -54,8 +54,8 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert run.data.metrics["data_n_rejected"] == 3
     assert len(client.get_metric_history(run.info.run_id, "loss")) > 5
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "data")] == [
-        "data/quarantine.jsonl"]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "data")) == [
+        "data/quarantine.jsonl", "data/stats.json", "data/token_lengths.png"]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "eval")] == [
         "eval/samples.json"]
 
