@@ -39,7 +39,7 @@ def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
             for name, value in scores.items()}
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain(
     pipeline: str = "pipelines/tiny-cpu.yaml", overrides: list[str] | None = None,
     root: str = ".", mlflow_config: str = "mlflow.yaml",
