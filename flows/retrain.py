@@ -26,7 +26,7 @@ from phi3ops.modeling import load_tokenizer, resolve_model_path
 NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE}
 LOCAL = {"cache_policy": NO_CACHE}  # preprocess caches itself on (data md5, config, tokenizer)
 
-version_data = task(data.version_data, name="version_data", **NETWORK)
+version_data = task(data.checkout_version, name="version_data", **NETWORK)
 preprocess_data = task(preprocess.preprocess, name="preprocess", **LOCAL)
 train_adapter = task(train.train, name="train", **LOCAL)
 evaluate_adapter = task(evaluation.evaluate_adapter, name="evaluate", **LOCAL)
@@ -42,7 +42,7 @@ def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 @flow(name="retrain")
 def retrain(
     pipeline: str = "pipelines/tiny-cpu.yaml", overrides: list[str] | None = None,
-    root: str = ".", mlflow_config: str = "mlflow.yaml",
+    root: str = ".", mlflow_config: str = "mlflow.yaml", data_rev: str | None = None,
 ) -> dict:
     logger = get_run_logger()
     paths = ProjectPaths(root)
@@ -52,9 +52,10 @@ def retrain(
 
     run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
     try:
-        dataset = version_data(paths.root, cfg.data)
+        dataset = version_data(paths.root, cfg.data, data_rev)
         registry.log_tags(run_id, {"phi3ops.dataset_md5": dataset.md5,
-                                   "phi3ops.data_git_rev": dataset.git_rev})
+                                   "phi3ops.data_git_rev": dataset.git_rev,
+                                   "phi3ops.data_rev": data_rev or "work tree"})
         tokenizer = load_tokenizer(cfg.model, paths.models)
         prep = preprocess_data(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
                                paths.processed)
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default="pipelines/tiny-cpu.yaml")
     parser.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
+    parser.add_argument("--data-rev", help="train on the dataset of this git rev or tag")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
     paths = ProjectPaths(args.root)
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     except Phi3opsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root)
+    return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root,
+                   data_rev=args.data_rev)
 
 
 if __name__ == "__main__":

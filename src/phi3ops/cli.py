@@ -3,7 +3,7 @@
     phi3ops run --pipeline pipelines/tiny-cpu.yaml        # the whole retrain flow
     phi3ops chat --alias champion "What is the capital of France?"
     phi3ops promote --version 3
-    phi3ops data version | phi3ops data validate PATH | phi3ops data demo --out DIR
+    phi3ops data add PATH | version | status | validate PATH | diff REV_A REV_B
 """
 
 from __future__ import annotations
@@ -45,10 +45,15 @@ def _load_flow_module(root: Path):
 def run(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
     pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+    data_rev: Annotated[str | None, typer.Option(
+        help="train on the dataset of this git rev or tag (default: data.dvc in the work tree)"
+    )] = None,
 ):
     """Run the retrain flow: version data, preprocess, train, evaluate, register, promote."""
     paths = ProjectPaths(root)
     argv = ["--pipeline", str(pipeline), "--root", str(paths.root), *(overrides or [])]
+    if data_rev:
+        argv += ["--data-rev", data_rev]
     summary = _load_flow_module(paths.root).main(argv)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -85,16 +90,74 @@ def promote(
                f"{decision.reason}")
 
 
+def _report_recorded(version, before: str | None) -> None:
+    typer.echo(f"{version.md5}  {version.n_rows} rows in {version.n_files} files")
+    if before != version.md5:
+        typer.echo(f"new version (was {before}); commit it:\n"
+                   "  git add data.dvc && git commit -m 'data: new version'")
+    else:
+        typer.echo("unchanged: data.dvc already records this version")
+
+
 @data_app.command("version")
 def data_version(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
-    """dvc pull (or regenerate the demo) if data/ is missing, dvc add, dvc push."""
-    from phi3ops.data import version_data
+    """Record data/ as it is now: dvc add + dvc push."""
+    from phi3ops.data import record_version
 
     paths = ProjectPaths(root)
-    v = version_data(paths.root, load_config(paths.pipeline(pipeline)).data)
-    typer.echo(f"{v.md5}  {v.n_rows} rows in {v.n_files} files ({v.source}, git {v.git_rev})")
-    if v.changed:
-        typer.echo("data.dvc changed: git add data.dvc && git commit -m 'data: new version'")
+    _report_recorded(*record_version(paths.root, load_config(paths.pipeline(pipeline)).data))
+
+
+@data_app.command("add")
+def data_add(
+    source: Annotated[Path, typer.Argument(help="JSONL file/folder, saved dataset, CSV, Parquet")],
+    prompt_column: Annotated[str, typer.Option(help="table column of the user turn")] = "prompt",
+    response_column: Annotated[str, typer.Option(help="column of the assistant turn")] = "response",
+    system_column: Annotated[str | None, typer.Option(help="optional system column")] = None,
+    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+):
+    """Import a dataset into data/ in the messages format, then dvc add + dvc push."""
+    from phi3ops.data import record_version
+    from phi3ops.ingest import Columns, import_dataset
+
+    paths = ProjectPaths(root)
+    cfg = load_config(paths.pipeline(pipeline)).data
+    columns = Columns(prompt_column, response_column, system_column)
+    for path in import_dataset(source, paths.root / cfg.path, columns):
+        typer.echo(f"wrote {path}")
+    _report_recorded(*record_version(paths.root, cfg))
+
+
+@data_app.command("status")
+def data_status(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
+    """Does data/ match data.dvc (every file hashed), and does the remote hold that version?"""
+    from phi3ops.data import remote_missing, verify_workspace
+
+    paths = ProjectPaths(root)
+    cfg = load_config(paths.pipeline(pipeline)).data
+    md5 = verify_workspace(paths.root, cfg)
+    typer.echo(f"{cfg.path}/ matches {cfg.dvc_file} ({md5})")
+    missing = remote_missing(paths.root, cfg)
+    if missing:
+        typer.echo(f"remote is missing {len(missing)} object(s): run `dvc push`", err=True)
+        raise typer.Exit(1)
+    typer.echo("remote holds this version")
+
+
+@data_app.command("diff")
+def data_diff(
+    rev_a: Annotated[str, typer.Argument(help="git rev or tag of the old version")],
+    rev_b: Annotated[str, typer.Argument(help="git rev or tag of the new version")],
+    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+):
+    """Rows added/removed and the shift in length and role distributions between two revs."""
+    from phi3ops.data import checkout_version
+    from phi3ops.drift import diff_dirs
+
+    paths = ProjectPaths(root)
+    cfg = load_config(paths.pipeline(pipeline)).data
+    a, b = (checkout_version(paths.root, cfg, rev) for rev in (rev_a, rev_b))
+    typer.echo(diff_dirs(Path(a.path), Path(b.path), rev_a, rev_b).markdown())
 
 
 @data_app.command("validate")

@@ -1,20 +1,28 @@
-"""Dataset versioning with DVC: the version of a dataset is its DVC md5 plus the git revision.
+"""Dataset versions with DVC: a version is the DVC md5 of data/ plus the git revision of data.dvc.
 
-    phi3ops data version        # dvc pull if needed, dvc add data, dvc push
+    phi3ops data version            # record data/ as a new version: dvc add + dvc push
+    phi3ops data status             # does data/ match data.dvc, and does the remote hold it?
+    phi3ops run --data-rev v1.0     # train on the dataset of any git rev or tag
 
-A fresh clone has data.dvc but no data/: it is pulled from the DVC remote, and where the remote
-does not have it (the default local remote of a new machine), the seeded demo dataset is written
-again; being byte-identical, it reproduces the md5 recorded in data.dvc.
+The retrain flow never records a new version itself: it trains on the version data.dvc names.
+Before preprocessing, every file is hashed and checked against data.dvc's manifest (DVC trusts
+its cache and file mtimes; we do not), so a changed or corrupted file stops the run, named.
+A fresh clone whose remote lacks the data regenerates the seeded demo dataset, which reproduces
+the md5 recorded in data.dvc byte for byte.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from dvc.api import DVCFileSystem
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
 
@@ -28,35 +36,46 @@ log = logging.getLogger(__name__)
 @dataclass
 class DatasetVersion:
     md5: str
-    git_rev: str
-    path: str
+    git_rev: str  # the commit whose data.dvc names this version ("-dirty": uncommitted)
+    path: str  # where the verified files are
     n_rows: int
     n_files: int
-    source: str  # "workspace", "pulled" or "generated"
-    changed: bool  # data.dvc now records a different md5 than before this call
+    source: str  # "workspace", "pulled", "generated", "recorded" or "rev:<rev>"
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def git_rev(root: Path) -> str:
     """HEAD's commit, with '-dirty' when tracked files differ from it; 'unversioned' outside git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
     try:
-        rev = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        rev = _git(root, "rev-parse", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unversioned"
     return f"{rev}-dirty" if dirty else rev
 
 
-def recorded_md5(dvc_file: Path) -> str | None:
-    """The md5 that a .dvc file records for its single output (None when absent or empty)."""
-    if not dvc_file.is_file():
-        return None
-    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+def parse_md5(text: str, where: str) -> str:
+    outs = (yaml.safe_load(text) or {}).get("outs") or []
     if len(outs) != 1 or "md5" not in outs[0]:
-        raise DataError(f"{dvc_file}: expected exactly one output with an md5")
+        raise DataError(f"{where}: expected exactly one output with an md5")
     return outs[0]["md5"]
+
+
+def recorded_md5(dvc_file: Path) -> str | None:
+    """The md5 that a .dvc file records for its single output (None when there is none)."""
+    return parse_md5(dvc_file.read_text(), str(dvc_file)) if dvc_file.is_file() else None
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def count_rows(data_dir: Path) -> tuple[int, int]:
@@ -65,42 +84,155 @@ def count_rows(data_dir: Path) -> tuple[int, int]:
     return rows, len(files)
 
 
-def _fetch_missing(repo: Repo, data_dir: Path, dvc_file: Path, cfg: DataConfig) -> str:
+def open_repo(root: Path) -> Repo:
+    try:
+        return Repo(str(root))
+    except DvcException as e:
+        raise DataError(f"{root}: not a DVC repository ({e}); run `dvc init` there") from e
+
+
+def load_manifest(repo: Repo, md5: str, targets: list[str], revs: list[str] | None = None,
+                  ) -> list[dict]:
+    """The file list of a directory version, from the cache or else fetched from the remote.
+    Its own md5 must equal the recorded one: a tampered cache entry is refused."""
+    path = Path(repo.cache.local.oid_to_path(md5))
+    if not path.is_file():
+        try:
+            repo.fetch(targets=targets, revs=revs)
+        except DvcException as e:
+            raise DataError(f"dataset {md5} is not in the DVC cache nor fetchable: {e}") from e
+    if not path.is_file() or file_md5(path) != md5.removesuffix(".dir"):
+        raise DataError(f"DVC cache entry {path} is missing or does not hash to {md5}; "
+                        "remove it and run `dvc fetch` to get it again from the remote")
+    return json.loads(path.read_text())
+
+
+def verify_files(data_dir: Path, manifest: list[dict], dvc_file: Path) -> None:
+    """Hash every file and compare with the manifest; name every file that differs."""
+    expected = {entry["relpath"]: entry["md5"] for entry in manifest}
+    present = {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()}
+    problems = [f"{data_dir / rel}: missing" for rel in sorted(expected.keys() - present)]
+    problems += [f"{data_dir / rel}: not in {dvc_file.name}"
+                 for rel in sorted(present - expected.keys())]
+    problems += [f"{data_dir / rel}: md5 {actual} differs from {dvc_file.name} ({expected[rel]})"
+                 for rel in sorted(expected.keys() & present)
+                 if (actual := file_md5(data_dir / rel)) != expected[rel]]
+    if problems:
+        raise DataError(
+            f"{data_dir} does not match {dvc_file}:\n  " + "\n  ".join(problems[:20]) +
+            f"\nRecord it as a new version with `phi3ops data version`, or restore the recorded "
+            f"one with `dvc checkout {dvc_file.name}`."
+        )
+
+
+def _restore_missing(repo: Repo, data_dir: Path, dvc_file: Path, cfg: DataConfig) -> str:
     try:
         repo.pull(targets=[str(dvc_file)])
         return "pulled"
     except DvcException as e:
         if not cfg.demo_if_missing:
             raise DataError(
-                f"{data_dir} is missing and `dvc pull {cfg.dvc_file}` failed: {e}. Check the DVC "
+                f"{data_dir} is missing and `dvc pull {dvc_file.name}` failed: {e}. Check the DVC "
                 "remote (`dvc remote list`) or put the data in place and rerun."
             ) from e
-        log.info("%s not on the DVC remote (%s); regenerating the seeded demo dataset", data_dir, e)
-        write_demo_dataset(data_dir)
-        return "generated"
+    log.info("%s is not on the DVC remote; regenerating the seeded demo dataset", data_dir)
+    write_demo_dataset(data_dir)
+    repo.add(str(data_dir))  # fills the cache; the md5 must not change
+    return "generated"
 
 
-def version_data(root: Path, cfg: DataConfig) -> DatasetVersion:
-    """Make sure data/ exists, record it in data.dvc (`dvc add`) and push it to the remote."""
+def checkout_version(root: Path, cfg: DataConfig, rev: str | None = None) -> DatasetVersion:
+    """The verified files of the version data.dvc names (at `rev`, or in the work tree)."""
+    if rev is not None:
+        return _checkout_rev(root, cfg, rev)
     data_dir, dvc_file = root / cfg.path, root / cfg.dvc_file
-    try:
-        repo = Repo(str(root))
-    except DvcException as e:
-        raise DataError(f"{root}: not a DVC repository ({e}); run `dvc init` there") from e
-    with repo:
-        source = "workspace" if data_dir.is_dir() else _fetch_missing(repo, data_dir, dvc_file, cfg)
-        before = recorded_md5(dvc_file)
-        repo.add(str(data_dir))
-        md5 = recorded_md5(dvc_file)
-        assert md5 is not None  # dvc add just wrote it
-        if cfg.push:
-            try:
-                repo.push(targets=[str(dvc_file)])
-            except DvcException as e:
-                raise DataError(f"`dvc push {cfg.dvc_file}` failed: {e}") from e
+    source, md5 = "workspace", recorded_md5(dvc_file)
+    if md5 is not None and not data_dir.is_dir():
+        with open_repo(root) as repo:
+            source = _restore_missing(repo, data_dir, dvc_file, cfg)
+        if recorded_md5(dvc_file) != md5:
+            raise DataError(f"regenerated demo data does not reproduce {dvc_file} ({md5}); "
+                            "restore data.dvc with `git checkout data.dvc`")
+    md5 = verify_workspace(root, cfg)
+    if cfg.push:
+        with open_repo(root) as repo:
+            _push(repo, dvc_file)
     n_rows, n_files = count_rows(data_dir)
-    if before != md5:
-        log.info("new dataset version %s (was %s): commit it with `git add %s && git commit`",
-                 md5, before, cfg.dvc_file)
-    return DatasetVersion(md5=md5, git_rev=git_rev(root), path=str(data_dir), n_rows=n_rows,
-                          n_files=n_files, source=source, changed=before != md5)
+    return DatasetVersion(md5, git_rev(root), str(data_dir), n_rows, n_files, source)
+
+
+def _checkout_rev(root: Path, cfg: DataConfig, rev: str) -> DatasetVersion:
+    """Materialise the dataset of a git rev under .cache/data/<md5> through the DVC API."""
+    try:
+        sha = _git(root, "rev-parse", "--verify", f"{rev}^{{commit}}")
+        dvc_text = _git(root, "show", f"{sha}:{cfg.dvc_file}")
+    except subprocess.CalledProcessError as e:
+        raise DataError(f"git rev {rev!r} has no {cfg.dvc_file}: {e.stderr.strip()}") from e
+    md5 = parse_md5(dvc_text, f"{rev}:{cfg.dvc_file}")
+    dest = root / ".cache" / "data" / md5.removesuffix(".dir")
+    with open_repo(root) as repo:
+        manifest = load_manifest(repo, md5, [cfg.path], revs=[sha])
+        if not dest.is_dir():
+            staging = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                DVCFileSystem(repo=str(root), rev=sha).get(cfg.path, str(staging), recursive=True)
+            except (DvcException, FileNotFoundError) as e:
+                raise DataError(f"cannot get {cfg.path} at {rev}: {e}") from e
+            staging.rename(dest)
+    verify_files(dest, manifest, root / cfg.dvc_file)  # every time: the copy may have changed
+    n_rows, n_files = count_rows(dest)
+    return DatasetVersion(md5, sha, str(dest), n_rows, n_files, f"rev:{rev}")
+
+
+def verify_workspace(root: Path, cfg: DataConfig) -> str:
+    """Check data/ against data.dvc file by file; returns the recorded md5."""
+    data_dir, dvc_file = root / cfg.path, root / cfg.dvc_file
+    md5 = recorded_md5(dvc_file)
+    if md5 is None:
+        raise DataError(f"{dvc_file} not found: record a dataset first (`phi3ops data add PATH`)")
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir} is missing: `dvc pull {cfg.dvc_file}` restores it")
+    with open_repo(root) as repo:
+        verify_files(data_dir, load_manifest(repo, md5, [str(dvc_file)]), dvc_file)
+    return md5
+
+
+def remote_missing(root: Path, cfg: DataConfig) -> list[str]:
+    """Files of the recorded version that the default remote does not hold. Every object is
+    asked for: `dvc status -c` trusts a directory's manifest on the remote and misses them."""
+    md5 = recorded_md5(root / cfg.dvc_file)
+    if md5 is None:
+        raise DataError(f"{root / cfg.dvc_file} not found")
+    with open_repo(root) as repo:
+        manifest = load_manifest(repo, md5, [str(root / cfg.dvc_file)])
+        try:
+            remote = repo.cloud.get_remote_odb()
+        except DvcException as e:
+            raise DataError(f"no usable DVC remote: {e}") from e
+        missing = [] if remote.exists(md5) else [f"{cfg.dvc_file} manifest {md5}"]
+        return missing + [f"{cfg.path}/{e['relpath']}" for e in manifest
+                          if not remote.exists(e["md5"])]
+
+
+def _push(repo: Repo, dvc_file: Path) -> None:
+    try:
+        repo.push(targets=[str(dvc_file)])
+    except DvcException as e:
+        raise DataError(f"`dvc push {dvc_file.name}` failed: {e}") from e
+
+
+def record_version(root: Path, cfg: DataConfig) -> tuple[DatasetVersion, str | None]:
+    """`dvc add data` + `dvc push`: record what is in data/ now. Returns it and the previous md5."""
+    data_dir, dvc_file = root / cfg.path, root / cfg.dvc_file
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir} does not exist: `phi3ops data add PATH` imports a dataset")
+    before = recorded_md5(dvc_file)
+    with open_repo(root) as repo:
+        repo.add(str(data_dir))
+        if cfg.push:
+            _push(repo, dvc_file)
+    n_rows, n_files = count_rows(data_dir)
+    md5 = recorded_md5(dvc_file)
+    assert md5 is not None  # dvc add just wrote it
+    return DatasetVersion(md5, git_rev(root), str(data_dir), n_rows, n_files, "recorded"), before
