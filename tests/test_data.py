@@ -123,8 +123,8 @@ def test_remote_missing_objects_are_reported(project):
 def test_training_on_an_earlier_rev_and_diffing_versions(project):
     v1 = checkout_version(project, CFG)
     git(project, "tag", "v1")
-    (project / "data" / "extra.jsonl").write_text(
-        "\n".join(row(f"What is {i} times 2?", f"{i} times 2 is {2 * i}.") for i in range(5)) + "\n")
+    rows = [row(f"What is {i} times 2?", f"{i} times 2 is {2 * i}.") for i in range(5)]
+    (project / "data" / "extra.jsonl").write_text("\n".join(rows) + "\n")
     record_version(project, CFG)
     commit(project, "data: more rows")
     old = checkout_version(project, CFG, rev="v1")
