@@ -23,7 +23,14 @@ from phi3ops.config import ProjectPaths, load_config, load_mlflow_config
 from phi3ops.errors import Phi3opsError
 from phi3ops.modeling import load_tokenizer, resolve_model_path
 
-NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE}
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry I/O hiccups, never bad data or config: those fail the same way every time."""
+    return not isinstance(state.result(raise_on_failure=False), Phi3opsError)
+
+
+NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE,
+           "retry_condition_fn": retry_unless_user_error}
 LOCAL = {"cache_policy": NO_CACHE}  # preprocess caches itself on (data md5, config, tokenizer)
 
 version_data = task(data.checkout_version, name="version_data", **NETWORK)

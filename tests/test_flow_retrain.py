@@ -9,7 +9,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from phi3ops.data import recorded_md5
+from phi3ops.config import DataConfig
+from phi3ops.data import DataError, record_version, recorded_md5
+from phi3ops.validation import TooManyRejectedError
 from tests.conftest import git
 
 pytestmark = pytest.mark.slow
@@ -71,20 +73,32 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert chat.returncode == 0, chat.stderr
     assert "Rome" in chat.stdout
 
-    # A second run on the same data and config: a new version, the champion stays.
-    second = flow.retrain(root=str(project))
+    # A second run on the same data (pinned by git rev) and config: a new version, the champion
+    # stays.
+    second = flow.retrain(root=str(project), data_rev="HEAD")
+    second_tags = client.get_run(second["run_id"]).data.tags
+    assert second_tags["phi3ops.data_rev"] == "HEAD"
+    assert second_tags["phi3ops.data_git_rev"] == git(project, "rev-parse", "HEAD")
+    assert second["dataset_md5"] == first["dataset_md5"]
     assert second["version"] == first["version"] + 1
     assert not second["promoted"] and "does not beat champion" in second["reason"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == str(first["version"])
     assert client.get_model_version_by_alias(MODEL, "challenger").version == str(second["version"])
 
-    # A run that fails (every row invalid) is marked FAILED and never moves an alias.
+    # Runs that fail are marked FAILED and never move an alias: first a data file changed
+    # behind DVC's back, then the same file recorded as a version in which every row is invalid.
+    def last_run_status():
+        return client.search_runs([run.info.experiment_id], order_by=["start_time DESC"],
+                                  max_results=1)[0].info.status
+
     (project / "data" / "conversations.jsonl").write_text("{not json\n" * 20)
-    with pytest.raises(ValueError, match="20 of 20 lines rejected"):
+    with pytest.raises(DataError, match=r"conversations\.jsonl: md5 \w+ differs from data\.dvc"):
         flow.retrain(root=str(project))
-    failed = client.search_runs([run.info.experiment_id], order_by=["start_time DESC"],
-                                max_results=1)[0]
-    assert failed.info.status == "FAILED"
+    assert last_run_status() == "FAILED"
+    record_version(project, DataConfig())
+    with pytest.raises(TooManyRejectedError, match="20 of 20 lines rejected"):
+        flow.retrain(root=str(project))
+    assert last_run_status() == "FAILED"
     assert client.get_model_version_by_alias(MODEL, "champion").version == str(first["version"])
     versions = client.search_model_versions(f"name='{MODEL}'")
     assert max(int(v.version) for v in versions) == second["version"]
