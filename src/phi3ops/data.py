@@ -156,7 +156,7 @@ def checkout_version(root: Path, cfg: DataConfig, rev: str | None = None) -> Dat
     md5 = verify_workspace(root, cfg)
     if cfg.push:
         with open_repo(root) as repo:
-            _push(repo, dvc_file)
+            push_verified(repo, dvc_file)
     n_rows, n_files = count_rows(data_dir)
     return DatasetVersion(md5, git_rev(root), str(data_dir), n_rows, n_files, source)
 
@@ -198,26 +198,42 @@ def verify_workspace(root: Path, cfg: DataConfig) -> str:
     return md5
 
 
+def _missing_on_remote(repo: Repo, md5: str, manifest: list[dict]) -> list[tuple[str, str]]:
+    """(oid, path) of every object of a version that the default remote does not hold."""
+    try:
+        remote = repo.cloud.get_remote_odb()
+    except DvcException as e:
+        raise DataError(f"no usable DVC remote: {e}") from e
+    objects = [(md5, "directory manifest")] + [(e["md5"], e["relpath"]) for e in manifest]
+    return [(oid, path) for oid, path in objects if not remote.exists(oid)]
+
+
 def remote_missing(root: Path, cfg: DataConfig) -> list[str]:
     """Files of the recorded version that the default remote does not hold. Every object is
     asked for: `dvc status -c` trusts a directory's manifest on the remote and misses them."""
-    md5 = recorded_md5(root / cfg.dvc_file)
+    dvc_file = root / cfg.dvc_file
+    md5 = recorded_md5(dvc_file)
     if md5 is None:
-        raise DataError(f"{root / cfg.dvc_file} not found")
+        raise DataError(f"{dvc_file} not found")
     with open_repo(root) as repo:
-        manifest = load_manifest(repo, md5, [str(root / cfg.dvc_file)])
-        try:
-            remote = repo.cloud.get_remote_odb()
-        except DvcException as e:
-            raise DataError(f"no usable DVC remote: {e}") from e
-        missing = [] if remote.exists(md5) else [f"{cfg.dvc_file} manifest {md5}"]
-        return missing + [f"{cfg.path}/{e['relpath']}" for e in manifest
-                          if not remote.exists(e["md5"])]
+        manifest = load_manifest(repo, md5, [str(dvc_file)])
+        missing = _missing_on_remote(repo, md5, manifest)
+    return [path if oid == md5 else f"{cfg.path}/{path}" for oid, path in missing]
 
 
-def _push(repo: Repo, dvc_file: Path) -> None:
+def push_verified(repo: Repo, dvc_file: Path) -> None:
+    """`dvc push`, then ask the remote for every object and upload any it lacks: dvc push
+    skips a directory whose manifest is on the remote even when its files are not."""
+    md5 = recorded_md5(dvc_file)
     try:
         repo.push(targets=[str(dvc_file)])
+        missing = _missing_on_remote(repo, md5, load_manifest(repo, md5, [str(dvc_file)]))
+        if missing:
+            remote, local = repo.cloud.get_remote_odb(), repo.cache.local
+            log.warning("remote lacked %d object(s) dvc push skipped; uploading %s",
+                        len(missing), [path for _, path in missing])
+            for oid, _ in missing:
+                remote.add(local.oid_to_path(oid), local.fs, oid)
     except DvcException as e:
         raise DataError(f"`dvc push {dvc_file.name}` failed: {e}") from e
 
@@ -231,7 +247,7 @@ def record_version(root: Path, cfg: DataConfig) -> tuple[DatasetVersion, str | N
     with open_repo(root) as repo:
         repo.add(str(data_dir))
         if cfg.push:
-            _push(repo, dvc_file)
+            push_verified(repo, dvc_file)
     n_rows, n_files = count_rows(data_dir)
     md5 = recorded_md5(dvc_file)
     assert md5 is not None  # dvc add just wrote it
