@@ -18,8 +18,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from phi3ops import data, evaluation, preprocess, registry, train
-from phi3ops.config import ProjectPaths, load_config, load_mlflow_config
+from phi3ops import data, drift, evaluation, preprocess, registry, train
+from phi3ops.config import (
+    DataConfig,
+    MlflowConfig,
+    ProjectPaths,
+    load_config,
+    load_mlflow_config,
+)
 from phi3ops.errors import Phi3opsError
 from phi3ops.modeling import load_tokenizer, resolve_model_path
 
@@ -46,6 +52,19 @@ def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
             for name, value in scores.items()}
 
 
+def publish_drift(mcfg: MlflowConfig, run_id: str, root: Path, data_cfg: DataConfig,
+                  dataset: data.DatasetVersion) -> None:
+    """When the data differs from the champion's, say how, in Prefect and in the MLflow run."""
+    champion = registry.alias_version(mcfg, mcfg.champion_alias)
+    if champion is None or champion.tags.get("phi3ops.dataset_md5") in (None, dataset.md5):
+        return
+    diff = drift.diff_against_rev(root, data_cfg, champion.tags["phi3ops.data_git_rev"],
+                                  champion.tags["phi3ops.dataset_md5"], Path(dataset.path))
+    if diff is not None:
+        create_markdown_artifact(key="data-drift", markdown=diff.markdown())
+        registry.log_text(run_id, diff.markdown(), "data/drift.md")
+
+
 @flow(name="retrain")
 def retrain(
     pipeline: str = "pipelines/tiny-cpu.yaml", overrides: list[str] | None = None,
@@ -63,6 +82,7 @@ def retrain(
         registry.log_tags(run_id, {"phi3ops.dataset_md5": dataset.md5,
                                    "phi3ops.data_git_rev": dataset.git_rev,
                                    "phi3ops.data_rev": data_rev or "work tree"})
+        publish_drift(mcfg, run_id, paths.root, cfg.data, dataset)
         tokenizer = load_tokenizer(cfg.model, paths.models)
         prep = preprocess_data(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
                                paths.processed)

@@ -87,18 +87,22 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
 
     # Runs that fail are marked FAILED and never move an alias: first a data file changed
     # behind DVC's back, then the same file recorded as a version in which every row is invalid.
-    def last_run_status():
+    def last_run():
         return client.search_runs([run.info.experiment_id], order_by=["start_time DESC"],
-                                  max_results=1)[0].info.status
+                                  max_results=1)[0]
 
     (project / "data" / "conversations.jsonl").write_text("{not json\n" * 20)
     with pytest.raises(DataError, match=r"conversations\.jsonl: md5 \w+ differs from data\.dvc"):
         flow.retrain(root=str(project))
-    assert last_run_status() == "FAILED"
+    assert last_run().info.status == "FAILED"
     record_version(project, DataConfig())
     with pytest.raises(TooManyRejectedError, match="20 of 20 lines rejected"):
         flow.retrain(root=str(project))
-    assert last_run_status() == "FAILED"
+    failed = last_run()
+    assert failed.info.status == "FAILED"
+    # The data differs from the champion's, so the run says how before it fails.
+    drift = mlflow.artifacts.load_text(f"runs:/{failed.info.run_id}/data/drift.md")
+    assert "(+0 added, -1200 removed)" in drift
     assert client.get_model_version_by_alias(MODEL, "champion").version == str(first["version"])
     versions = client.search_model_versions(f"name='{MODEL}'")
     assert max(int(v.version) for v in versions) == second["version"]

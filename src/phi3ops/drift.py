@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, median
 
+from phi3ops.config import DataConfig
+from phi3ops.data import checkout_version
+from phi3ops.errors import DataError
 from phi3ops.validation import jsonl_files, read_rows
 
 
@@ -83,3 +86,16 @@ def profile(data_dir: Path) -> Profile:
 
 def diff_dirs(dir_a: Path, dir_b: Path, label_a: str, label_b: str) -> DataDiff:
     return DataDiff(label_a, label_b, profile(dir_a), profile(dir_b))
+
+
+def diff_against_rev(root: Path, cfg: DataConfig, rev: str, rev_md5: str, current_dir: Path,
+                     ) -> DataDiff | None:
+    """Diff the dataset of `rev` (e.g. the champion's) against the current files. None when the
+    rev's data.dvc does not name `rev_md5`: that run trained on uncommitted data ('-dirty')."""
+    try:
+        old = checkout_version(root, cfg, rev.removesuffix("-dirty"))
+    except DataError:
+        return None
+    if old.md5 != rev_md5:
+        return None
+    return diff_dirs(Path(old.path), current_dir, f"{rev[:12]} (champion)", "this run")

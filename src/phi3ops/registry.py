@@ -99,6 +99,10 @@ def log_file(run_id: str, path: Path, artifact_dir: str) -> None:
     MlflowClient().log_artifact(run_id, str(path), artifact_dir)
 
 
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    MlflowClient().log_text(run_id, text, artifact_file)
+
+
 def log_dict(run_id: str, obj: dict, artifact_file: str) -> None:
     MlflowClient().log_dict(run_id, obj, artifact_file)
 
