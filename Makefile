@@ -42,7 +42,7 @@ ui: install  ## MLflow UI over the local tracking store on http://127.0.0.1:5000
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
 
 lint: install
-	$(BIN)/ruff check src flows tests
+	$(BIN)/ruff check src flows tests bench
 
 clean:  ## generated outputs (not the venv, not the DVC remote)
 	rm -rf .cache runs mlruns.db mlartifacts

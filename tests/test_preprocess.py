@@ -151,3 +151,11 @@ def test_stats_count_roles_and_plot_lengths(tmp_path, tokenizer):
     assert result.messages_by_role == {"system": 30, "user": 30, "assistant": 30}
     assert result.histogram_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 0 < result.p50_tokens <= result.p95_tokens <= result.max_tokens
+
+
+def test_tokenizer_hash_ignores_call_state(tokenizer):
+    from phi3ops.preprocess import tokenizer_hash
+
+    before = tokenizer_hash(tokenizer)
+    tokenizer(["a", "a b c"], padding=True, truncation=True, max_length=2)
+    assert tokenizer_hash(tokenizer) == before

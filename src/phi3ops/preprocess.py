@@ -62,8 +62,14 @@ def split_of(messages: list[dict], test_fraction: float, seed: int) -> str:
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
-    backend = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else str(tokenizer.vocab)
-    return sha256_json([backend, tokenizer.chat_template])[:12]
+    """Hash of what decides the token ids; not of padding/truncation state, which calls change."""
+    if tokenizer.is_fast:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
+    return sha256_json([spec, tokenizer.chat_template])[:12]
 
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, int]:
