@@ -87,9 +87,10 @@ def retrain(
         prep = preprocess_data(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
                                paths.processed)
         logger.info("preprocess: %d accepted, %d quarantined %s (%s), %d duplicates, "
-                    "%d truncated, %d too long%s", prep.n_accepted, prep.n_rejected,
-                    prep.rejected_by_rule, prep.quarantine_path, prep.n_duplicates,
-                    prep.n_truncated, prep.n_too_long,
+                    "%d truncated, %d too long; turns by role %s; tokens p50 %d, p95 %d%s",
+                    prep.n_accepted, prep.n_rejected, prep.rejected_by_rule,
+                    prep.quarantine_path, prep.n_duplicates, prep.n_truncated, prep.n_too_long,
+                    prep.messages_by_role, prep.p50_tokens, prep.p95_tokens,
                     " [cached: same data md5, config and tokenizer]" if prep.cached else "")
         registry.log_metrics(run_id, {f"data_{k}": v for k, v in asdict(prep).items()
                                       if k.startswith(("n_", "p50_", "p95_", "max_"))})

@@ -51,3 +51,17 @@ def test_data_validate_reports_rules_and_exit_code(tmp_path):
                      str(tmp_path / "q2.jsonl"), "--root", str(REPO), cwd=tmp_path)
     assert result.returncode == 1
     assert "max_reject_fraction" in result.stderr
+
+
+def test_data_add_then_status(project, tmp_path):
+    (tmp_path / "faq.csv").write_text("question,answer\nWhat is DVC?,Data version control.\n")
+    assert phi3ops("data", "status", "--root", str(project)).returncode == 2, "no data/ yet"
+    added = phi3ops("data", "add", str(tmp_path / "faq.csv"), "--prompt-column", "question",
+                    "--response-column", "answer", "--root", str(project))
+    assert added.returncode == 0, added.stderr
+    assert "wrote" in added.stdout and "faq.jsonl" in added.stdout
+    assert "git add data.dvc && git commit" in added.stdout
+    status = phi3ops("data", "status", "--root", str(project))
+    assert status.returncode == 0, status.stderr
+    assert "data/ matches data.dvc" in status.stdout
+    assert "remote holds this version" in status.stdout
