@@ -170,3 +170,15 @@ def test_import_formats(tmp_path):
         import_dataset(tmp_path / "one.jsonl", data)
     with pytest.raises(DataError, match=r"no column\(s\) \['prompt', 'response'\]"):
         import_dataset(tmp_path / "table.csv", tmp_path / "elsewhere")
+
+
+def test_a_user_version_missing_everywhere_is_not_replaced_by_the_demo(project):
+    checkout_version(project, CFG)
+    (project / "data" / "extra.jsonl").write_text(row("Hi", "Hello.") + "\n")
+    version, _ = record_version(project, DataConfig(push=False))  # recorded, never pushed
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+    with pytest.raises(DataError, match="does not record the demo dataset"):
+        checkout_version(project, CFG)
+    assert recorded_md5(project / "data.dvc") == version.md5
+    assert not (project / "data").exists()

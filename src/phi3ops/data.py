@@ -136,8 +136,14 @@ def _restore_missing(repo: Repo, data_dir: Path, dvc_file: Path, cfg: DataConfig
                 "remote (`dvc remote list`) or put the data in place and rerun."
             ) from e
     log.info("%s is not on the DVC remote; regenerating the seeded demo dataset", data_dir)
+    recorded = dvc_file.read_text()
     write_demo_dataset(data_dir)
-    repo.add(str(data_dir))  # fills the cache; the md5 must not change
+    repo.add(str(data_dir))  # fills the cache
+    if recorded_md5(dvc_file) != parse_md5(recorded, str(dvc_file)):
+        dvc_file.write_text(recorded)  # never replace the user's version with the demo
+        shutil.rmtree(data_dir)
+        raise DataError(f"{data_dir} is missing and not on the DVC remote, and {dvc_file} does "
+                        "not record the demo dataset: `dvc push` it from where it was added")
     return "generated"
 
 
@@ -150,9 +156,6 @@ def checkout_version(root: Path, cfg: DataConfig, rev: str | None = None) -> Dat
     if md5 is not None and not data_dir.is_dir():
         with open_repo(root) as repo:
             source = _restore_missing(repo, data_dir, dvc_file, cfg)
-        if recorded_md5(dvc_file) != md5:
-            raise DataError(f"regenerated demo data does not reproduce {dvc_file} ({md5}); "
-                            "restore data.dvc with `git checkout data.dvc`")
     md5 = verify_workspace(root, cfg)
     if cfg.push:
         with open_repo(root) as repo:
