@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -86,19 +85,8 @@ def retrain(
         tokenizer = load_tokenizer(cfg.model, paths.models)
         prep = preprocess_data(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
                                paths.processed)
-        logger.info("preprocess: %d accepted, %d quarantined %s (%s), %d duplicates, "
-                    "%d truncated, %d too long; turns by role %s; tokens p50 %d, p95 %d%s",
-                    prep.n_accepted, prep.n_rejected, prep.rejected_by_rule,
-                    prep.quarantine_path, prep.n_duplicates, prep.n_truncated, prep.n_too_long,
-                    prep.messages_by_role, prep.p50_tokens, prep.p95_tokens,
-                    " [cached: same data md5, config and tokenizer]" if prep.cached else "")
-        registry.log_metrics(run_id, {f"data_{k}": v for k, v in asdict(prep).items()
-                                      if k.startswith(("n_", "p50_", "p95_", "max_"))})
-        registry.log_file(run_id, prep.histogram_path, "data")
-        registry.log_dict(run_id, {"rejected_by_rule": prep.rejected_by_rule,
-                                   "messages_by_role": prep.messages_by_role}, "data/stats.json")
-        if prep.n_rejected:
-            registry.log_file(run_id, prep.quarantine_path, "data")
+        logger.info("preprocess: %s", prep.summary())
+        registry.log_preprocess(run_id, prep)
         trained = train_adapter(cfg.model, cfg.peft_config, cfg.training_config,
                                 Path(prep.out_dir), paths.runs / run_id, paths.models,
                                 log_metrics=lambda m, step: registry.log_metrics(run_id, m, step))

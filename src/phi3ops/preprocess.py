@@ -46,6 +46,18 @@ class PreprocessResult:
     max_tokens: int = 0
     cached: bool = False
 
+    def summary(self) -> str:
+        return (f"{self.n_accepted} accepted, {self.n_rejected} quarantined "
+                f"{self.rejected_by_rule} ({self.quarantine_path}), {self.n_duplicates} "
+                f"duplicates, {self.n_truncated} truncated, {self.n_too_long} too long; turns by "
+                f"role {self.messages_by_role}; tokens p50 {self.p50_tokens}, p95 "
+                f"{self.p95_tokens}" + (" [cached: same data md5, config and tokenizer]"
+                                        if self.cached else ""))
+
+    def counts(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items()
+                if k.startswith(("n_", "p50_", "p95_", "max_"))}
+
     @property
     def quarantine_path(self) -> Path:
         return Path(self.out_dir) / "quarantine.jsonl"

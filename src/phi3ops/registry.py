@@ -25,6 +25,7 @@ from mlflow.utils.time import get_current_time_millis
 
 from phi3ops.config import MlflowConfig, PipelineConfig
 from phi3ops.errors import RegistryError
+from phi3ops.preprocess import PreprocessResult
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
 
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
@@ -95,16 +96,19 @@ def log_tags(run_id: str, tags: dict[str, str]) -> None:
     MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def log_file(run_id: str, path: Path, artifact_dir: str) -> None:
-    MlflowClient().log_artifact(run_id, str(path), artifact_dir)
+def log_preprocess(run_id: str, prep: PreprocessResult) -> None:
+    """Counts as `data_*` metrics; stats, length histogram and quarantine under data/."""
+    log_metrics(run_id, {f"data_{k}": v for k, v in prep.counts().items()})
+    client = MlflowClient()
+    client.log_artifact(run_id, str(prep.histogram_path), "data")
+    client.log_dict(run_id, {"rejected_by_rule": prep.rejected_by_rule,
+                             "messages_by_role": prep.messages_by_role}, "data/stats.json")
+    if prep.n_rejected:
+        client.log_artifact(run_id, str(prep.quarantine_path), "data")
 
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
     MlflowClient().log_text(run_id, text, artifact_file)
-
-
-def log_dict(run_id: str, obj: dict, artifact_file: str) -> None:
-    MlflowClient().log_dict(run_id, obj, artifact_file)
 
 
 def log_samples(run_id: str, samples: list[dict], artifact_file: str) -> None:
