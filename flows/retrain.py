@@ -46,11 +46,6 @@ register_adapter = task(registry.register_adapter, name="register", **NETWORK)
 promote = task(registry.promote, name="promote", **NETWORK)
 
 
-def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"{model}_{name}": value for model, scores in metrics.items()
-            for name, value in scores.items()}
-
-
 def publish_drift(mcfg: MlflowConfig, run_id: str, root: Path, data_cfg: DataConfig,
                   dataset: data.DatasetVersion) -> None:
     """When the data differs from the champion's, say how, in Prefect and in the MLflow run."""
@@ -90,9 +85,11 @@ def retrain(
         trained = train_adapter(cfg.model, cfg.peft_config, cfg.training_config,
                                 Path(prep.out_dir), paths.runs / run_id, paths.models,
                                 log_metrics=lambda m, step: registry.log_metrics(run_id, m, step))
+        champion = registry.load_champion(mcfg)
         scores = evaluate_adapter(cfg.model, cfg.evaluation, Path(prep.out_dir),
-                                  Path(trained.adapter_dir), paths.models)
-        metrics = flat_metrics(scores.metrics)
+                                  Path(trained.adapter_dir), paths.models,
+                                  champion=champion[1] if champion else None)
+        metrics = scores.flat()
         registry.log_metrics(run_id, metrics)
         registry.log_samples(run_id, scores.samples, "eval/samples.json")
         lineage = registry.Lineage(
@@ -102,14 +99,22 @@ def retrain(
         )
         base_dir = Path(model_path) if Path(model_path).is_dir() else None
         version = register_adapter(mcfg, run_id, Path(trained.adapter_dir), base_dir, lineage,
-                                   metrics, cfg.evaluation.max_new_tokens)
+                                   metrics, cfg.evaluation.max_new_tokens,
+                                   evaluated_against=champion[0] if champion else None)
         decision = promote(mcfg, version.version)
     except BaseException:
         registry.end_run(run_id, failed=True)
         raise
     registry.end_run(run_id)
 
-    metric = mcfg.promotion.metric
+    scored = " | ".join(f"{m} {metrics[f'{m}_{mcfg.promotion.metric}']:.4f}"
+                        for m in ("base", "tuned", "champion")
+                        if f"{m}_{mcfg.promotion.metric}" in metrics)
+    gains = "".join(
+        f"\n- tuned - {other}: {metrics[key]:+.4f} "
+        f"(95% CI {metrics[key + '_lo']:+.4f} .. {metrics[key + '_hi']:+.4f})"
+        for other in ("base", "champion")
+        if (key := f"delta_{other}_{mcfg.promotion.metric}") in metrics)
     summary = {
         "run_id": run_id, "version": int(version.version), "promoted": decision.promoted,
         "reason": decision.reason, "dataset_md5": dataset.md5, "metrics": metrics,
@@ -123,8 +128,7 @@ def retrain(
             f"- data: `{dataset.md5}` ({prep.n_accepted} rows accepted, "
             f"{prep.n_rejected} quarantined)\n"
             f"- MLflow run `{run_id}`, model `{mcfg.registered_model}` v{version.version}\n"
-            f"- {metric}: base {metrics[f'base_{metric}']:.4f}, "
-            f"tuned {metrics[f'tuned_{metric}']:.4f}\n"
+            f"- {mcfg.promotion.metric}: {scored}{gains}\n"
             f"- promotion: {'promoted' if decision.promoted else 'not promoted'}: "
             f"{decision.reason}\n"
         ),

@@ -81,7 +81,14 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert second_tags["phi3ops.data_git_rev"] == git(project, "rev-parse", "HEAD")
     assert second["dataset_md5"] == first["dataset_md5"]
     assert second["version"] == first["version"] + 1
-    assert not second["promoted"] and "does not beat champion" in second["reason"]
+    assert not second["promoted"] and "gain over the champion" in second["reason"]
+    # The champion was scored on the same split in the same run, with a paired interval.
+    assert second["metrics"]["champion_rougeL"] == pytest.approx(metrics["tuned_rougeL"])
+    assert second["metrics"]["delta_champion_rougeL"] == pytest.approx(0.0)
+    assert (second["metrics"]["delta_base_rougeL_lo"] > 0
+            and "tuned_perplexity" in second["metrics"])
+    second_version = client.get_model_version(MODEL, str(second["version"]))
+    assert second_version.tags["phi3ops.evaluated_against"] == champion.version
     assert client.get_model_version_by_alias(MODEL, "champion").version == str(first["version"])
     assert client.get_model_version_by_alias(MODEL, "challenger").version == str(second["version"])
 

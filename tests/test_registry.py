@@ -41,13 +41,32 @@ def test_decide_first_champion_must_beat_base(mlflow_cfg):
     ok, reason = decide(mlflow_cfg, version(1, tuned_rougeL=0.5, base_rougeL=0.2), None)
     assert ok and "first champion" in reason
     ok, reason = decide(mlflow_cfg, version(1, tuned_rougeL=0.2, base_rougeL=0.3), None)
-    assert not ok and "does not beat base" in reason
+    assert not ok and "gain over the base -0.1000 is not above 0.0" in reason
 
 
 def test_decide_never_promotes_on_nan_or_missing(mlflow_cfg):
     assert not decide(mlflow_cfg, version(1, tuned_rougeL=float("nan"), base_rougeL=0.1), None)[0]
     assert not decide(mlflow_cfg, version(1, base_rougeL=0.1), None)[0]
     assert not decide(mlflow_cfg, version(1, tuned_rougeL=0.9), None)[0], "base metric missing"
+
+
+def test_decide_uses_the_paired_delta_against_the_same_champion(mlflow_cfg):
+    champion = version(1, tuned_rougeL=0.9, base_rougeL=0.1)
+    # Scored against v1 on the same split: a small paired gain counts...
+    candidate = version(2, tuned_rougeL=0.5, base_rougeL=0.1, delta_base_rougeL=0.4,
+                        delta_champion_rougeL=0.02, delta_champion_rougeL_lo=-0.01)
+    candidate.tags["phi3ops.evaluated_against"] = "1"
+    ok, reason = decide(mlflow_cfg, candidate, champion)
+    assert ok and "+0.0200 over the champion" in reason
+    # ...unless the policy wants the interval above zero.
+    policy = mlflow_cfg.promotion.model_copy(update={"require_interval_above_zero": True})
+    strict = mlflow_cfg.model_copy(update={"promotion": policy})
+    candidate.tags["metric.delta_base_rougeL_lo"] = "0.3"
+    ok, reason = decide(strict, candidate, champion)
+    assert not ok and "lower bound -0.0100" in reason
+    # A delta measured against another champion is ignored: stored scores decide (0.5 < 0.9).
+    candidate.tags["phi3ops.evaluated_against"] = "7"
+    assert not decide(mlflow_cfg, candidate, champion)[0]
 
 
 def test_decide_requires_more_than_min_gain(mlflow_cfg):
@@ -68,7 +87,7 @@ def test_champion_moves_only_to_a_better_version(mlflow_cfg):
     assert alias_version(mlflow_cfg, "champion").version == v1
     tags = client.get_model_version(mlflow_cfg.registered_model, v2).tags
     assert tags["promotion.decision"] == "rejected"
-    assert "does not beat champion" in tags["promotion.reason"]
+    assert "gain over the champion -0.1000 is not above 0.0" in tags["promotion.reason"]
     v3 = register(mlflow_cfg, tuned_rougeL=float("nan"), base_rougeL=0.2)
     assert not promote(mlflow_cfg, v3).promoted
     v4 = register(mlflow_cfg, tuned_rougeL=0.7, base_rougeL=0.2)

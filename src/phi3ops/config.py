@@ -166,6 +166,9 @@ class PromotionPolicy(_Frozen):
     metric: str = "rougeL"
     min_gain: float = Field(0.0, ge=0)
     must_beat_base: bool = True
+    require_interval_above_zero: bool = Field(
+        False, description="the bootstrap 95% interval of each gain must lie above zero"
+    )
 
 
 class MlflowConfig(_Frozen):

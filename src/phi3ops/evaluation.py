@@ -1,38 +1,47 @@
-"""Score base and tuned models on the held-out split with `evaluate` metrics kept in the package.
+"""Score base, tuned and champion models on the same held-out split with `evaluate` metrics.
 
     phi3ops run evaluation.max_samples=128        # stage 4 of the retrain flow
 
 Each held-out conversation becomes a prompt (every turn before the last assistant reply) and a
-reference (that reply). Generation is greedy, batched with left padding, and stops at <|end|>.
-The base model is the same PeftModel with its adapter disabled, so the weights load once.
+reference (that reply). Generation is greedy, batched with left padding and the KV cache, and
+stops at <|end|>. Metrics (ROUGE, BLEU, chrF, exact match) are modules kept in the package;
+perplexity comes from the loss on assistant tokens. Deltas against the base model and the
+champion carry a paired bootstrap 95% interval. The base model is the tuned PeftModel with its
+adapter disabled, so the weights load once.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import evaluate
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from phi3ops.config import EvaluationConfig, ModelConfig
 from phi3ops.metrics import metric_path
-from phi3ops.modeling import load_tokenizer
+from phi3ops.modeling import PHI3_CHAT_TEMPLATE, load_tokenizer
 from phi3ops.preprocess import load_processed
 from phi3ops.train import load_adapter_model
 
-METRICS = ("rouge", "exact_match")
+METRICS = ("rouge", "bleu", "chrf", "exact_match")
+BOOTSTRAP_SAMPLES = 1000
 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, dict[str, float]]  # {"base": {...}, "tuned": {...}}
-    samples: list[dict] = field(default_factory=list)  # prompt, reference, one answer per model
+    metrics: dict[str, dict[str, float]]  # {"base": {...}, "tuned": {...}, "champion": {...}}
+    deltas: dict[str, dict[str, float]] = field(default_factory=dict)  # {"base": {"rougeL": ..}}
+    samples: list[dict] = field(default_factory=list)  # prompt, reference, answers, scores
 
-    @property
-    def n_samples(self) -> int:
-        return len(self.samples)
+    def flat(self) -> dict[str, float]:
+        """`tuned_rougeL`, `delta_base_rougeL_lo`, ...: names for MLflow metrics and tags."""
+        flat = {f"{m}_{k}": v for m, scores in self.metrics.items() for k, v in scores.items()}
+        flat.update({f"delta_{m}_{k}": v for m, d in self.deltas.items() for k, v in d.items()})
+        return flat
 
 
 def split_prompts(conversations: list[list[dict]]) -> tuple[list[list[dict]], list[str]]:
@@ -62,7 +71,7 @@ def generate_replies(
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(model.device)
         output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
             eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
         )
         new_tokens = output[:, batch["input_ids"].shape[1]:]
@@ -70,34 +79,91 @@ def generate_replies(
     return replies
 
 
-def score(predictions: list[str], references: list[str]) -> dict[str, float]:
+@torch.inference_mode()
+def assistant_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   conversations: list[list[dict]], batch_size: int) -> float:
+    """Mean negative log-likelihood per assistant token (exp of it is the perplexity)."""
+    template = tokenizer.chat_template
+    if "{% generation %}" not in (template or ""):
+        template = PHI3_CHAT_TEMPLATE  # the same text, with assistant markers
+    total, count = 0.0, 0
+    for start in range(0, len(conversations), batch_size):
+        encoded = [tokenizer.apply_chat_template(c, chat_template=template, tokenize=True,
+                                                 return_dict=True,
+                                                 return_assistant_tokens_mask=True)
+                   for c in conversations[start:start + batch_size]]
+        width = max(len(e["input_ids"]) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+        labels = torch.full((len(encoded), width), -100)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            ids[row, :n] = torch.tensor(e["input_ids"])
+            mask[row, :n] = 1
+            assistant = torch.tensor(e["assistant_masks"], dtype=torch.bool)
+            labels[row, :n] = torch.where(assistant, ids[row, :n], -100)
+        n_tokens = int((labels[:, 1:] != -100).sum())
+        loss = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                     labels=labels.to(model.device)).loss
+        total, count = total + float(loss) * n_tokens, count + n_tokens
+    return total / max(count, 1)
+
+
+def score(predictions: list[str], references: list[str]) -> tuple[dict, dict[str, list[float]]]:
+    """Aggregated metrics, and the per-sample scores the bootstrap resamples."""
     metrics = evaluate.combine([evaluate.load(metric_path(name)) for name in METRICS])
-    return {k: float(v) for k, v in metrics.compute(predictions=predictions,
-                                                    references=references).items()}
+    result = metrics.compute(predictions=predictions, references=references, per_sample=True)
+    per_sample = {k.removesuffix("_per_sample"): list(map(float, v))
+                  for k, v in result.items() if k.endswith("_per_sample")}
+    return {k: float(v) for k, v in result.items() if not k.endswith("_per_sample")}, per_sample
+
+
+def bootstrap_delta(a: list[float], b: list[float], seed: int = 0) -> dict[str, float]:
+    """Mean paired difference a - b with a percentile bootstrap 95% interval."""
+    diffs = np.asarray(a) - np.asarray(b)
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), (BOOTSTRAP_SAMPLES, len(diffs)))].mean(axis=1)
+    return {"": float(diffs.mean()), "_lo": float(np.percentile(means, 2.5)),
+            "_hi": float(np.percentile(means, 97.5))}
 
 
 def evaluate_adapter(
     model_cfg: ModelConfig, eval_cfg: EvaluationConfig, dataset_dir: Path, adapter_dir: Path,
-    cache_dir: Path,
+    cache_dir: Path, champion: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
 ) -> EvalResult:
     test = load_processed(dataset_dir)["test"]
     if eval_cfg.max_samples is not None:
         test = test.select(range(min(eval_cfg.max_samples, len(test))))
-    prompts, references = split_prompts(test["messages"])
+    conversations = test["messages"]
+    prompts, references = split_prompts(conversations)
     tokenizer = load_tokenizer(model_cfg, cache_dir)
-    model = load_adapter_model(model_cfg, adapter_dir, cache_dir)
+    tuned = load_adapter_model(model_cfg, adapter_dir, cache_dir)
 
-    def replies() -> list[str]:
-        return generate_replies(model, tokenizer, prompts, eval_cfg.max_new_tokens,
-                                eval_cfg.batch_size)
+    def run(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> tuple[list[str], float]:
+        answers = generate_replies(model, tok, prompts, eval_cfg.max_new_tokens,
+                                   eval_cfg.batch_size)
+        return answers, assistant_loss(model, tok, conversations, eval_cfg.batch_size)
 
-    answers = {"tuned": replies()}
-    with model.disable_adapter():
-        answers["base"] = replies()
-    metrics = {name: score(preds, references) for name, preds in answers.items()}
+    outputs = {"tuned": run(tuned, tokenizer)}
+    with tuned.disable_adapter():
+        outputs["base"] = run(tuned, tokenizer)
+    if champion is not None:
+        outputs["champion"] = run(*champion)
+
+    metrics, per_sample = {}, {}
+    for name, (answers, loss) in outputs.items():
+        metrics[name], per_sample[name] = score(answers, references)
+        metrics[name]["perplexity"] = math.exp(min(loss, 50.0))
+    deltas = {
+        other: {f"{metric}{suffix}": value
+                for metric, values in per_sample["tuned"].items()
+                for suffix, value in bootstrap_delta(values, per_sample[other][metric]).items()}
+        for other in outputs if other != "tuned"
+    }
     samples = [
         {"prompt": p[-1]["content"], "reference": ref,
-         **{f"{name}_answer": answers[name][i] for name in answers}}
+         **{f"{name}_answer": outputs[name][0][i] for name in outputs},
+         **{f"{name}_rougeL": per_sample[name]["rougeL"][i] for name in outputs}}
         for i, (p, ref) in enumerate(zip(prompts, references, strict=True))
     ]
-    return EvalResult(metrics=metrics, samples=samples)
+    return EvalResult(metrics=metrics, deltas=deltas, samples=samples)

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.utils.time import get_current_time_millis
 
-from phi3ops.config import MlflowConfig, PipelineConfig
+from phi3ops.config import MlflowConfig, PipelineConfig, PromotionPolicy
 from phi3ops.errors import RegistryError
 from phi3ops.preprocess import PreprocessResult
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
@@ -125,6 +125,7 @@ def end_run(run_id: str, failed: bool = False) -> None:
 def register_adapter(
     cfg: MlflowConfig, run_id: str, adapter_dir: Path, base_dir: Path | None,
     lineage: Lineage, metrics: dict[str, float], max_new_tokens: int,
+    evaluated_against: str | None = None,
 ) -> ModelVersion:
     """Log the adapter as a pyfunc model in the run, register it and set `@challenger`."""
     connect(cfg)
@@ -139,9 +140,10 @@ def register_adapter(
             input_example=INPUT_EXAMPLE,
             pip_requirements=[f"{p}=={installed_version(p)}" for p in RUNTIME_PACKAGES],
         )
-    version = mlflow.register_model(info.model_uri, cfg.registered_model,
-                                    tags={**lineage.tags(), "phi3ops.artifact_type": "adapter",
-                                          "phi3ops.run_id": run_id})
+    tags = {**lineage.tags(), "phi3ops.artifact_type": "adapter", "phi3ops.run_id": run_id}
+    if evaluated_against is not None:  # the champion scored on the same split in this run
+        tags["phi3ops.evaluated_against"] = evaluated_against
+    version = mlflow.register_model(info.model_uri, cfg.registered_model, tags=tags)
     client = MlflowClient()
     for key, value in metrics.items():
         client.set_model_version_tag(cfg.registered_model, version.version, f"metric.{key}",
@@ -157,11 +159,30 @@ def alias_version(cfg: MlflowConfig, alias: str) -> ModelVersion | None:
         return None
 
 
-def version_metric(mv: ModelVersion, metric: str) -> float:
+def tag_float(mv: ModelVersion, name: str) -> float:
     try:
-        return float(mv.tags[f"metric.tuned_{metric}"])
+        return float(mv.tags[f"metric.{name}"])
     except (KeyError, ValueError):
         return math.nan
+
+
+def _beats(policy: PromotionPolicy, candidate: ModelVersion, other: str, stored: float,
+           paired: bool = True) -> tuple[bool, str]:
+    """Does the candidate beat `other` ("base" or "champion") under the policy? Uses the paired
+    delta measured on the same split when `paired` and present, else the stored scores."""
+    metric = policy.metric
+    delta = tag_float(candidate, f"delta_{other}_{metric}") if paired else math.nan
+    if not math.isfinite(delta):
+        delta = tag_float(candidate, f"tuned_{metric}") - stored
+    if not math.isfinite(delta):
+        return False, f"no finite {metric} to compare with the {other}"
+    need = policy.min_gain if other == "champion" else 0.0
+    if delta <= need:
+        return False, f"{metric} gain over the {other} {delta:+.4f} is not above {need}"
+    low = tag_float(candidate, f"delta_{other}_{metric}_lo") if paired else math.nan
+    if policy.require_interval_above_zero and not low > 0:
+        return False, f"{metric} gain over the {other}: 95% interval lower bound {low:.4f} <= 0"
+    return True, f"{metric} {delta:+.4f} over the {other}"
 
 
 def decide(
@@ -169,20 +190,22 @@ def decide(
 ) -> tuple[bool, str]:
     """Apply the promotion policy; any missing or NaN metric means no promotion."""
     policy = cfg.promotion
-    value = version_metric(candidate, policy.metric)
+    value = tag_float(candidate, f"tuned_{policy.metric}")
     if not math.isfinite(value):
         return False, f"tuned {policy.metric} missing or not finite"
+    reasons = []
     if policy.must_beat_base:
-        base = float(candidate.tags.get(f"metric.base_{policy.metric}", "nan"))
-        if not math.isfinite(base) or value <= base:
-            return False, f"tuned {policy.metric} {value:.4f} does not beat base {base:.4f}"
+        ok, why = _beats(policy, candidate, "base", tag_float(candidate, f"base_{policy.metric}"))
+        if not ok:
+            return False, why
+        reasons.append(why)
     if champion is None:
-        return True, f"first champion ({policy.metric} {value:.4f})"
-    best = version_metric(champion, policy.metric)
-    if math.isfinite(best) and value <= best + policy.min_gain:
-        return False, (f"{policy.metric} {value:.4f} does not beat champion v{champion.version} "
-                       f"{best:.4f} by more than {policy.min_gain}")
-    return True, f"{policy.metric} {value:.4f} beats champion v{champion.version} ({best:.4f})"
+        return True, "; ".join([f"first champion ({policy.metric} {value:.4f})", *reasons])
+    # A delta measured against another version than today's champion does not count.
+    paired = candidate.tags.get("phi3ops.evaluated_against") == champion.version
+    ok, why = _beats(policy, candidate, "champion",
+                     tag_float(champion, f"tuned_{policy.metric}"), paired)
+    return ok, f"{why} (champion v{champion.version})" + "".join(f"; {r}" for r in reasons)
 
 
 def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
@@ -201,6 +224,17 @@ def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
     client.set_model_version_tag(cfg.registered_model, version, "promotion.reason", reason)
     return PromotionDecision(version, promoted, reason,
                              champion.version if champion is not None else None)
+
+
+def load_champion(cfg: MlflowConfig):
+    """(version, (model, tokenizer)) of the current champion, to score it on this run's split;
+    None when there is no champion yet."""
+    champion = alias_version(cfg, cfg.champion_alias)
+    if champion is None:
+        return None
+    uri = f"models:/{cfg.registered_model}/{champion.version}"
+    chat = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    return champion.version, (chat.model, chat.tokenizer)
 
 
 def load_registered(cfg: MlflowConfig, alias: str):

@@ -8,6 +8,7 @@ _KWARGS = """
 predictions: list of generated strings.
 references: list of reference strings.
 ignore_case: compare case-insensitively (default True).
+per_sample: also return "exact_match_per_sample", 1.0 or 0.0 per pair (default False).
 Returns {"exact_match": float in [0, 1]}.
 """
 
@@ -29,9 +30,12 @@ class ExactMatch(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, ignore_case=True):
+    def _compute(self, predictions, references, ignore_case=True, per_sample=False):
         hits = [
-            _normalise(p, ignore_case) == _normalise(r, ignore_case)
+            float(_normalise(p, ignore_case) == _normalise(r, ignore_case))
             for p, r in zip(predictions, references, strict=True)
         ]
-        return {"exact_match": float(sum(hits) / max(len(hits), 1))}
+        result = {"exact_match": sum(hits) / max(len(hits), 1)}
+        if per_sample:
+            result["exact_match_per_sample"] = hits
+        return result

@@ -9,6 +9,7 @@ _KWARGS = """
 predictions: list of generated strings.
 references: list of reference strings.
 use_stemmer: apply the Porter stemmer before matching (default False).
+per_sample: also return "<type>_per_sample" lists of per-pair F-measures (default False).
 Returns a dict of aggregated F-measures, each in [0, 1].
 """
 
@@ -25,13 +26,17 @@ class Rouge(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, rouge_types=None, use_stemmer=False):
+    def _compute(self, predictions, references, rouge_types=None, use_stemmer=False,
+                 per_sample=False):
         rouge_types = rouge_types or ["rouge1", "rouge2", "rougeL", "rougeLsum"]
         scorer = rouge_scorer.RougeScorer(rouge_types=rouge_types, use_stemmer=use_stemmer)
         pairs = zip(references, predictions, strict=True)
         scores = [scorer.score(ref, pred) for ref, pred in pairs]
-        # Plain mean of per-sample F-measures: deterministic, unlike a bootstrap midpoint.
-        return {
-            key: float(sum(s[key].fmeasure for s in scores) / max(len(scores), 1))
-            for key in rouge_types
-        }
+        result = {}
+        for key in rouge_types:
+            values = [s[key].fmeasure for s in scores]
+            # Plain mean of per-sample F-measures: deterministic, unlike a bootstrap midpoint.
+            result[key] = float(sum(values) / max(len(values), 1))
+            if per_sample:
+                result[f"{key}_per_sample"] = values
+        return result
