@@ -73,6 +73,13 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert chat.returncode == 0, chat.stderr
     assert "Rome" in chat.stdout
 
+    # `phi3ops evaluate` scores a registered model on its own, with the same numbers.
+    scored = subprocess.run([sys.executable, "-m", "phi3ops.cli", "evaluate", "--root",
+                             str(project), "--model", f"models:/{MODEL}@champion"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert scored.returncode == 0, scored.stderr
+    assert f"rougeL       {metrics['tuned_rougeL']:.4f}" in scored.stdout
+
     # A second run on the same data (pinned by git rev) and config: a new version, the champion
     # stays.
     second = flow.retrain(root=str(project), data_rev="HEAD")

@@ -2,6 +2,7 @@
 
     phi3ops run --pipeline pipelines/tiny-cpu.yaml        # the whole retrain flow
     phi3ops chat --alias champion "What is the capital of France?"
+    phi3ops evaluate --model models:/phi3ops-chat@champion
     phi3ops promote --version 3
     phi3ops data add PATH | version | status | validate PATH | diff REV_A REV_B
 """
@@ -59,6 +60,38 @@ def run(
 
 
 @app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/adapter or an adapter dir")],
+    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+    data_rev: Annotated[str | None, typer.Option(help="held-out split of this git rev")] = None,
+):
+    """Score one model on the held-out split of the pipeline's data, on its own."""
+    from phi3ops.data import checkout_version
+    from phi3ops.evaluation import held_out, run_model
+    from phi3ops.modeling import load_tokenizer
+    from phi3ops.preprocess import preprocess
+    from phi3ops.registry import load_chat_model
+    from phi3ops.train import load_adapter_model
+
+    paths = ProjectPaths(root)
+    cfg = load_config(paths.pipeline(pipeline))
+    dataset = checkout_version(paths.root, cfg.data, data_rev)
+    tokenizer = load_tokenizer(cfg.model, paths.models)
+    prep = preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer, paths.processed)
+    if Path(model).is_dir():
+        chat_model = load_adapter_model(cfg.model, Path(model), paths.models), tokenizer
+    else:
+        mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
+        chat_model = load_chat_model(mcfg, model)
+    conversations = held_out(Path(prep.out_dir), cfg.evaluation)
+    _, metrics, _ = run_model(*chat_model, conversations, cfg.evaluation)
+    typer.echo(f"{model} on {len(conversations)} held-out conversations of {dataset.md5}:")
+    for name, value in metrics.items():
+        typer.echo(f"  {name:12s} {value:.4f}")
+
+
+@app.command()
 def chat(
     prompt: Annotated[str, typer.Argument(help="the user's message")],
     alias: Annotated[str, typer.Option(help="registry alias to load")] = "champion",
@@ -72,7 +105,8 @@ def chat(
     mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
-    typer.echo(load_registered(mcfg, alias).predict({"messages": messages})[0])
+    uri = f"models:/{mcfg.registered_model}@{alias}"
+    typer.echo(load_registered(mcfg, uri).predict({"messages": messages})[0])
 
 
 @app.command()

@@ -127,33 +127,44 @@ def bootstrap_delta(a: list[float], b: list[float], seed: int = 0) -> dict[str, 
             "_hi": float(np.percentile(means, 97.5))}
 
 
+def held_out(dataset_dir: Path, eval_cfg: EvaluationConfig) -> list[list[dict]]:
+    """The first `max_samples` conversations of the test split (its order is stable)."""
+    test = load_processed(dataset_dir)["test"]
+    if eval_cfg.max_samples is not None:
+        test = test.select(range(min(eval_cfg.max_samples, len(test))))
+    return test["messages"]
+
+
+def run_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              conversations: list[list[dict]], eval_cfg: EvaluationConfig,
+              ) -> tuple[list[str], dict[str, float], dict[str, list[float]]]:
+    """Answers, aggregated metrics (with perplexity) and per-sample scores of one model."""
+    prompts, references = split_prompts(conversations)
+    answers = generate_replies(model, tokenizer, prompts, eval_cfg.max_new_tokens,
+                               eval_cfg.batch_size)
+    metrics, per_sample = score(answers, references)
+    loss = assistant_loss(model, tokenizer, conversations, eval_cfg.batch_size)
+    metrics["perplexity"] = math.exp(min(loss, 50.0))  # capped: a random model would overflow
+    return answers, metrics, per_sample
+
+
 def evaluate_adapter(
     model_cfg: ModelConfig, eval_cfg: EvaluationConfig, dataset_dir: Path, adapter_dir: Path,
     cache_dir: Path, champion: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
 ) -> EvalResult:
-    test = load_processed(dataset_dir)["test"]
-    if eval_cfg.max_samples is not None:
-        test = test.select(range(min(eval_cfg.max_samples, len(test))))
-    conversations = test["messages"]
+    conversations = held_out(dataset_dir, eval_cfg)
     prompts, references = split_prompts(conversations)
     tokenizer = load_tokenizer(model_cfg, cache_dir)
     tuned = load_adapter_model(model_cfg, adapter_dir, cache_dir)
 
-    def run(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> tuple[list[str], float]:
-        answers = generate_replies(model, tok, prompts, eval_cfg.max_new_tokens,
-                                   eval_cfg.batch_size)
-        return answers, assistant_loss(model, tok, conversations, eval_cfg.batch_size)
-
-    outputs = {"tuned": run(tuned, tokenizer)}
+    outputs = {"tuned": run_model(tuned, tokenizer, conversations, eval_cfg)}
     with tuned.disable_adapter():
-        outputs["base"] = run(tuned, tokenizer)
+        outputs["base"] = run_model(tuned, tokenizer, conversations, eval_cfg)
     if champion is not None:
-        outputs["champion"] = run(*champion)
+        outputs["champion"] = run_model(*champion, conversations, eval_cfg)
 
-    metrics, per_sample = {}, {}
-    for name, (answers, loss) in outputs.items():
-        metrics[name], per_sample[name] = score(answers, references)
-        metrics[name]["perplexity"] = math.exp(min(loss, 50.0))
+    metrics = {name: out[1] for name, out in outputs.items()}
+    per_sample = {name: out[2] for name, out in outputs.items()}
     deltas = {
         other: {f"{metric}{suffix}": value
                 for metric, values in per_sample["tuned"].items()

@@ -226,23 +226,27 @@ def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
                              champion.version if champion is not None else None)
 
 
+def load_registered(cfg: MlflowConfig, uri: str):
+    """The pyfunc model behind a model URI (`models:/NAME@ALIAS`, `runs:/ID/adapter`, ...)."""
+    connect(cfg)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as e:
+        raise RegistryError(f"cannot load {uri} from {cfg.tracking_uri}: {e}. Run `make run` "
+                            "first, or check the alias (`phi3ops promote`).") from e
+
+
+def load_chat_model(cfg: MlflowConfig, uri: str):
+    """(model, tokenizer) inside a registered phi3ops model, for scoring or generation."""
+    chat = load_registered(cfg, uri).unwrap_python_model()
+    return chat.model, chat.tokenizer
+
+
 def load_champion(cfg: MlflowConfig):
     """(version, (model, tokenizer)) of the current champion, to score it on this run's split;
     None when there is no champion yet."""
     champion = alias_version(cfg, cfg.champion_alias)
     if champion is None:
         return None
-    uri = f"models:/{cfg.registered_model}/{champion.version}"
-    chat = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    return champion.version, (chat.model, chat.tokenizer)
-
-
-def load_registered(cfg: MlflowConfig, alias: str):
-    """The pyfunc model behind `models:/<name>@<alias>`."""
-    connect(cfg)
-    uri = f"models:/{cfg.registered_model}@{alias}"
-    try:
-        return mlflow.pyfunc.load_model(uri)
-    except MlflowException as e:
-        raise RegistryError(f"cannot load {uri} from {cfg.tracking_uri}: {e.message}. "
-                            "Run `make run` first, or check the alias (`phi3ops promote`).") from e
+    return champion.version, load_chat_model(
+        cfg, f"models:/{cfg.registered_model}/{champion.version}")
