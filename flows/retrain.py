@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from phi3ops import data, drift, evaluation, preprocess, registry, train
+from phi3ops import data, drift, evaluation, preprocess, promotion, registry, train
 from phi3ops.config import (
     DataConfig,
     MlflowConfig,
@@ -43,7 +43,7 @@ preprocess_data = task(preprocess.preprocess, name="preprocess", **LOCAL)
 train_adapter = task(train.train, name="train", **LOCAL)
 evaluate_adapter = task(evaluation.evaluate_adapter, name="evaluate", **LOCAL)
 register_adapter = task(registry.register_adapter, name="register", **NETWORK)
-promote = task(registry.promote, name="promote", **NETWORK)
+promote = task(promotion.promote, name="promote", **NETWORK)
 
 
 def publish_drift(mcfg: MlflowConfig, run_id: str, root: Path, data_cfg: DataConfig,

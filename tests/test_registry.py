@@ -1,5 +1,8 @@
 """Promotion policy against a real MLflow server (SQLite backend, subprocess)."""
 
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -7,7 +10,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
 from phi3ops.config import load_mlflow_config
-from phi3ops.registry import alias_version, connect, decide, promote
+from phi3ops.errors import RegistryError
+from phi3ops.promotion import decide, promote, rollback
+from phi3ops.registry import alias_version, connect
 from tests.conftest import REPO
 
 
@@ -95,3 +100,60 @@ def test_champion_moves_only_to_a_better_version(mlflow_cfg):
     assert alias_version(mlflow_cfg, "champion").version == v4
     assert client.get_model_version(mlflow_cfg.registered_model, v4).tags[
         "promotion.decision"] == "promoted"
+
+
+def test_previous_champion_and_rollback(mlflow_cfg):
+    client = MlflowClient()
+    v1 = register(mlflow_cfg, tuned_rougeL=0.5, base_rougeL=0.2)
+    promote(mlflow_cfg, v1)
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        rollback(mlflow_cfg)
+    v2 = register(mlflow_cfg, tuned_rougeL=0.6, base_rougeL=0.2)
+    assert promote(mlflow_cfg, v2).promoted
+    assert alias_version(mlflow_cfg, "previous-champion").version == v1
+    decision = rollback(mlflow_cfg)
+    assert decision.version == v1 and decision.previous_champion == v2
+    assert alias_version(mlflow_cfg, "champion").version == v1
+    assert alias_version(mlflow_cfg, "previous-champion") is None
+    assert client.get_model_version(mlflow_cfg.registered_model, v2).tags[
+        "promotion.decision"] == "rolled-back"
+    # The rolled-back version does not come back through a later promotion's settling.
+    v3 = register(mlflow_cfg, tuned_rougeL=0.55, base_rougeL=0.2)
+    assert promote(mlflow_cfg, v3).promoted
+    assert alias_version(mlflow_cfg, "champion").version == v3
+
+
+PROMOTE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from phi3ops.config import load_mlflow_config
+from phi3ops.errors import RegistryError
+from phi3ops.promotion import promote
+cfg = load_mlflow_config(sys.argv[1], [f"registered_model={sys.argv[2]}"])
+cfg = cfg.resolved(Path(sys.argv[3]))
+print(promote(cfg, sys.argv[4]).promoted)
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_concurrent_promotions_leave_the_better_version(mlflow_cfg, mlflow_server, tmp_path,
+                                                        attempt):
+    v1 = register(mlflow_cfg, tuned_rougeL=0.5, base_rougeL=0.2)
+    promote(mlflow_cfg, v1)
+    better = register(mlflow_cfg, tuned_rougeL=0.9, base_rougeL=0.2)
+    worse = register(mlflow_cfg, tuned_rougeL=0.8, base_rougeL=0.2)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    # Start the better one first on odd attempts, so neither order is always the winner's.
+    order = [better, worse] if attempt % 2 else [worse, better]
+    procs = [subprocess.Popen([sys.executable, "-c", PROMOTE_IN_A_PROCESS,
+                               str(REPO / "mlflow.yaml"), mlflow_cfg.registered_model,
+                               str(tmp_path), v], env=env, stdout=subprocess.PIPE, text=True)
+             for v in order]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert alias_version(mlflow_cfg, "champion").version == better
+    assert alias_version(mlflow_cfg, "previous-champion").version == v1
+    # The worse one lost the race (superseded) or saw the better champion first (rejected).
+    tags = MlflowClient().get_model_version(mlflow_cfg.registered_model, worse).tags
+    assert tags["promotion.decision"] in ("superseded", "rejected")
+    assert dict(zip(order, outputs, strict=True)) == {better: "True", worse: "False"}

@@ -3,7 +3,7 @@
     phi3ops run --pipeline pipelines/tiny-cpu.yaml        # the whole retrain flow
     phi3ops chat --alias champion "What is the capital of France?"
     phi3ops evaluate --model models:/phi3ops-chat@champion
-    phi3ops promote --version 3
+    phi3ops promote --version 3 | phi3ops promote --rollback
     phi3ops data add PATH | version | status | validate PATH | diff REV_A REV_B
 """
 
@@ -111,15 +111,18 @@ def chat(
 
 @app.command()
 def promote(
-    version: Annotated[str, typer.Option(help="registered model version to promote")],
+    version: Annotated[str | None, typer.Option(help="registered version to promote")] = None,
+    rollback: Annotated[bool, typer.Option(help="@champion back to @previous-champion")] = False,
     root: Root = Path("."),
 ):
-    """Move @champion to a version if it beats the current champion under the policy."""
-    from phi3ops.registry import promote as promote_version
+    """Move @champion to a version if it wins under the policy, or roll it back."""
+    from phi3ops import promotion
 
+    if (version is None) == (not rollback):
+        raise ConfigError("give exactly one of --version N and --rollback")
     paths = ProjectPaths(root)
     mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
-    decision = promote_version(mcfg, version)
+    decision = promotion.rollback(mcfg) if rollback else promotion.promote(mcfg, version)
     typer.echo(f"v{decision.version}: {'promoted' if decision.promoted else 'not promoted'}: "
                f"{decision.reason}")
 

@@ -1,15 +1,12 @@
-"""MLflow tracking and model registry: runs, the registered adapter, its lineage and aliases.
+"""MLflow tracking and model registry: runs, the registered adapter with its lineage, loading.
 
-    phi3ops promote --version 3
+    phi3ops chat --alias champion "What is the capital of France?"
 
-Promotion is an alias move: every registered version gets `@challenger`; `@champion` moves only
-when the challenger beats the champion (and the base model) on the policy's metric in mlflow.yaml.
-Each decision and its reason is written to the version's tags.
+Every registered version gets `@challenger`; promotion.py decides whether `@champion` moves.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -23,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.utils.time import get_current_time_millis
 
-from phi3ops.config import MlflowConfig, PipelineConfig, PromotionPolicy
+from phi3ops.config import MlflowConfig, PipelineConfig
 from phi3ops.errors import RegistryError
 from phi3ops.preprocess import PreprocessResult
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
@@ -43,14 +40,6 @@ class Lineage:
 
     def tags(self) -> dict[str, str]:
         return {f"phi3ops.{k}": v for k, v in self.__dict__.items()}
-
-
-@dataclass
-class PromotionDecision:
-    version: str
-    promoted: bool
-    reason: str
-    previous_champion: str | None
 
 
 def connect(cfg: MlflowConfig) -> str:
@@ -157,73 +146,6 @@ def alias_version(cfg: MlflowConfig, alias: str) -> ModelVersion | None:
         return MlflowClient().get_model_version_by_alias(cfg.registered_model, alias)
     except MlflowException:
         return None
-
-
-def tag_float(mv: ModelVersion, name: str) -> float:
-    try:
-        return float(mv.tags[f"metric.{name}"])
-    except (KeyError, ValueError):
-        return math.nan
-
-
-def _beats(policy: PromotionPolicy, candidate: ModelVersion, other: str, stored: float,
-           paired: bool = True) -> tuple[bool, str]:
-    """Does the candidate beat `other` ("base" or "champion") under the policy? Uses the paired
-    delta measured on the same split when `paired` and present, else the stored scores."""
-    metric = policy.metric
-    delta = tag_float(candidate, f"delta_{other}_{metric}") if paired else math.nan
-    if not math.isfinite(delta):
-        delta = tag_float(candidate, f"tuned_{metric}") - stored
-    if not math.isfinite(delta):
-        return False, f"no finite {metric} to compare with the {other}"
-    need = policy.min_gain if other == "champion" else 0.0
-    if delta <= need:
-        return False, f"{metric} gain over the {other} {delta:+.4f} is not above {need}"
-    low = tag_float(candidate, f"delta_{other}_{metric}_lo") if paired else math.nan
-    if policy.require_interval_above_zero and not low > 0:
-        return False, f"{metric} gain over the {other}: 95% interval lower bound {low:.4f} <= 0"
-    return True, f"{metric} {delta:+.4f} over the {other}"
-
-
-def decide(
-    cfg: MlflowConfig, candidate: ModelVersion, champion: ModelVersion | None,
-) -> tuple[bool, str]:
-    """Apply the promotion policy; any missing or NaN metric means no promotion."""
-    policy = cfg.promotion
-    value = tag_float(candidate, f"tuned_{policy.metric}")
-    if not math.isfinite(value):
-        return False, f"tuned {policy.metric} missing or not finite"
-    reasons = []
-    if policy.must_beat_base:
-        ok, why = _beats(policy, candidate, "base", tag_float(candidate, f"base_{policy.metric}"))
-        if not ok:
-            return False, why
-        reasons.append(why)
-    if champion is None:
-        return True, "; ".join([f"first champion ({policy.metric} {value:.4f})", *reasons])
-    # A delta measured against another version than today's champion does not count.
-    paired = candidate.tags.get("phi3ops.evaluated_against") == champion.version
-    ok, why = _beats(policy, candidate, "champion",
-                     tag_float(champion, f"tuned_{policy.metric}"), paired)
-    return ok, f"{why} (champion v{champion.version})" + "".join(f"; {r}" for r in reasons)
-
-
-def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
-    """Move `@champion` to `version` if the policy allows; record the decision on its tags."""
-    connect(cfg)
-    client = MlflowClient()
-    candidate = client.get_model_version(cfg.registered_model, version)
-    champion = alias_version(cfg, cfg.champion_alias)
-    if champion is not None and champion.version == candidate.version:
-        return PromotionDecision(version, False, "already champion", champion.version)
-    promoted, reason = decide(cfg, candidate, champion)
-    if promoted:
-        client.set_registered_model_alias(cfg.registered_model, cfg.champion_alias, version)
-    client.set_model_version_tag(cfg.registered_model, version, "promotion.decision",
-                                 "promoted" if promoted else "rejected")
-    client.set_model_version_tag(cfg.registered_model, version, "promotion.reason", reason)
-    return PromotionDecision(version, promoted, reason,
-                             champion.version if champion is not None else None)
 
 
 def load_registered(cfg: MlflowConfig, uri: str):
