@@ -42,6 +42,7 @@ version_data = task(data.checkout_version, name="version_data", **NETWORK)
 preprocess_data = task(preprocess.preprocess, name="preprocess", **LOCAL)
 train_adapter = task(train.train, name="train", **LOCAL)
 evaluate_adapter = task(evaluation.evaluate_adapter, name="evaluate", **LOCAL)
+merge = task(train.merge_adapter, name="merge", **LOCAL)
 register_adapter = task(registry.register_adapter, name="register", **NETWORK)
 promote = task(promotion.promote, name="promote", **NETWORK)
 
@@ -98,9 +99,16 @@ def retrain(
             pipeline=cfg.name, base_model=cfg.model.name_or_path,
         )
         base_dir = Path(model_path) if Path(model_path).is_dir() else None
+        card = registry.model_card(cfg, lineage, metrics)
         version = register_adapter(mcfg, run_id, Path(trained.adapter_dir), base_dir, lineage,
                                    metrics, cfg.evaluation.max_new_tokens,
-                                   evaluated_against=champion[0] if champion else None)
+                                   evaluated_against=champion[0] if champion else None,
+                                   card=card)
+        if cfg.registration.merged:
+            merged_dir = merge(cfg.model, Path(trained.adapter_dir),
+                               paths.runs / run_id / "merged", paths.models)
+            register_adapter(mcfg, run_id, None, merged_dir, lineage, metrics,
+                             cfg.evaluation.max_new_tokens, card=card, artifact_type="merged")
         decision = promote(mcfg, version.version)
     except BaseException:
         registry.end_run(run_id, failed=True)

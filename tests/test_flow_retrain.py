@@ -80,24 +80,37 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert scored.returncode == 0, scored.stderr
     assert f"rougeL       {metrics['tuned_rougeL']:.4f}" in scored.stdout
 
-    # A second run on the same data (pinned by git rev) and config: a new version, the champion
-    # stays.
+    # A second run on the same data (pinned by git rev), config and code registers nothing
+    # new: the registration key finds v1, which is already champion.
     second = flow.retrain(root=str(project), data_rev="HEAD")
     second_tags = client.get_run(second["run_id"]).data.tags
     assert second_tags["phi3ops.data_rev"] == "HEAD"
     assert second_tags["phi3ops.data_git_rev"] == git(project, "rev-parse", "HEAD")
     assert second["dataset_md5"] == first["dataset_md5"]
-    assert second["version"] == first["version"] + 1
-    assert not second["promoted"] and "gain over the champion" in second["reason"]
+    assert second["version"] == first["version"] and second["reason"] == "already champion"
     # The champion was scored on the same split in the same run, with a paired interval.
     assert second["metrics"]["champion_rougeL"] == pytest.approx(metrics["tuned_rougeL"])
     assert second["metrics"]["delta_champion_rougeL"] == pytest.approx(0.0)
     assert (second["metrics"]["delta_base_rougeL_lo"] > 0
             and "tuned_perplexity" in second["metrics"])
-    second_version = client.get_model_version(MODEL, str(second["version"]))
-    assert second_version.tags["phi3ops.evaluated_against"] == champion.version
+
+    # A different config (far fewer steps) is a new version; it loses to the champion, which
+    # stays. It also asks for the merged model, registered beside the adapter.
+    third = flow.retrain(root=str(project), overrides=["training_config.max_steps=5",
+                                                        "registration.merged=true"])
+    assert third["version"] == first["version"] + 1
+    assert not third["promoted"] and "gain over the champion" in third["reason"]
+    third_version = client.get_model_version(MODEL, str(third["version"]))
+    assert third_version.tags["phi3ops.evaluated_against"] == champion.version
+    assert "LoRA adapter for `tiny-phi3`" in third_version.description
+    assert "| rougeL |" in third_version.description
     assert client.get_model_version_by_alias(MODEL, "champion").version == str(first["version"])
-    assert client.get_model_version_by_alias(MODEL, "challenger").version == str(second["version"])
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == str(third["version"])
+    merged = mlflow.pyfunc.load_model(f"models:/{MODEL}-merged/1")
+    assert merged.predict(QUESTION)[0] == mlflow.pyfunc.load_model(
+        f"models:/{MODEL}/{third['version']}").predict(QUESTION)[0]
+    assert client.get_model_version(f"{MODEL}-merged", "1").tags[
+        "phi3ops.artifact_type"] == "merged"
 
     # Runs that fail are marked FAILED and never move an alias: first a data file changed
     # behind DVC's back, then the same file recorded as a version in which every row is invalid.
@@ -119,4 +132,4 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert "(+0 added, -1200 removed)" in drift
     assert client.get_model_version_by_alias(MODEL, "champion").version == str(first["version"])
     versions = client.search_model_versions(f"name='{MODEL}'")
-    assert max(int(v.version) for v in versions) == second["version"]
+    assert max(int(v.version) for v in versions) == third["version"]

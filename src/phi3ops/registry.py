@@ -7,6 +7,8 @@ Every registered version gets `@challenger`; promotion.py decides whether `@cham
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -20,11 +22,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.utils.time import get_current_time_millis
 
-from phi3ops.config import MlflowConfig, PipelineConfig
+from phi3ops.config import MlflowConfig, PipelineConfig, sha256_json
 from phi3ops.errors import RegistryError
 from phi3ops.preprocess import PreprocessResult
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
 
+log = logging.getLogger(__name__)
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
                     "mlflow", "pandas")
 
@@ -111,33 +114,98 @@ def end_run(run_id: str, failed: bool = False) -> None:
     MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
+def with_retries(what: str, call, attempts: int = 5, first_delay: float = 1.0):
+    """Run an idempotent MLflow operation, retrying with exponential backoff; then a clear error."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (MlflowException, OSError) as e:
+            if attempt == attempts - 1:
+                raise RegistryError(f"could not {what} after {attempts} attempts: {e}") from e
+            delay = first_delay * 2**attempt
+            log.warning("%s failed (%s); retrying in %.0f s", what, type(e).__name__, delay)
+            time.sleep(delay)
+
+
+def registration_key(lineage: Lineage, artifact_type: str) -> str:
+    """Same data, config and code give the same key, and so the same registered version."""
+    return sha256_json([lineage.dataset_md5, lineage.config_hash, lineage.code_git_rev,
+                        artifact_type])[:16]
+
+
+def find_version(cfg: MlflowConfig, name: str, key: str) -> ModelVersion | None:
+    versions = MlflowClient().search_model_versions(f"name='{name}'")
+    return next((v for v in versions if v.tags.get("phi3ops.registration_key") == key), None)
+
+
+def model_card(pipeline: PipelineConfig, lineage: Lineage, metrics: dict[str, float]) -> str:
+    """The version's description in the registry: what it is, what made it, how good it is."""
+    metric = ["| metric | base | tuned | tuned - base (95% CI) |", "| --- | --- | --- | --- |"]
+    for name in ("rougeL", "rouge1", "bleu", "chrf", "exact_match", "perplexity"):
+        if f"tuned_{name}" in metrics:
+            delta = metrics.get(f"delta_base_{name}")
+            ci = (f"{delta:+.4f} ({metrics[f'delta_base_{name}_lo']:+.4f} .. "
+                  f"{metrics[f'delta_base_{name}_hi']:+.4f})" if delta is not None else "")
+            metric.append(f"| {name} | {metrics[f'base_{name}']:.4f} | "
+                          f"{metrics[f'tuned_{name}']:.4f} | {ci} |")
+    lora = pipeline.peft_config
+    train = pipeline.training_config
+    return "\n".join([
+        f"# {pipeline.name}: LoRA adapter for `{lineage.base_model}`", "",
+        f"- data: DVC md5 `{lineage.dataset_md5}` at git `{lineage.data_git_rev}`",
+        f"- code: git `{lineage.code_git_rev}`; pipeline config hash `{lineage.config_hash}`",
+        f"- LoRA: r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, "
+        f"targets {', '.join(lora.target_modules)}",
+        f"- training: lr {train.learning_rate}, batch {train.per_device_train_batch_size} x "
+        f"{train.gradient_accumulation_steps}, epochs {train.num_train_epochs}, "
+        f"scheduler {train.lr_scheduler_type}, max length {train.max_length}", "",
+        *metric, "",
+    ])
+
+
 def register_adapter(
-    cfg: MlflowConfig, run_id: str, adapter_dir: Path, base_dir: Path | None,
+    cfg: MlflowConfig, run_id: str, adapter_dir: Path | None, base_dir: Path | None,
     lineage: Lineage, metrics: dict[str, float], max_new_tokens: int,
-    evaluated_against: str | None = None,
+    evaluated_against: str | None = None, card: str = "", artifact_type: str = "adapter",
 ) -> ModelVersion:
-    """Log the adapter as a pyfunc model in the run, register it and set `@challenger`."""
+    """Log the model in the run, register it and set `@challenger`. Idempotent: the same
+    (data, config, code) gives the existing version, also when a retry follows a failure.
+    A merged model (`artifact_type="merged"`, base_dir = merged weights, no adapter) goes to
+    `<name>-merged`, without aliases: promotion is decided on the adapter."""
     connect(cfg)
-    signature = infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."])
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="adapter",
-            python_model=MODEL_CODE,
-            artifacts=model_artifacts(adapter_dir, base_dir),
-            model_config={"base_model": lineage.base_model, "max_new_tokens": max_new_tokens},
-            signature=signature,
-            input_example=INPUT_EXAMPLE,
-            pip_requirements=[f"{p}=={installed_version(p)}" for p in RUNTIME_PACKAGES],
-        )
-    tags = {**lineage.tags(), "phi3ops.artifact_type": "adapter", "phi3ops.run_id": run_id}
-    if evaluated_against is not None:  # the champion scored on the same split in this run
-        tags["phi3ops.evaluated_against"] = evaluated_against
-    version = mlflow.register_model(info.model_uri, cfg.registered_model, tags=tags)
+    name = cfg.registered_model if artifact_type == "adapter" else f"{cfg.registered_model}-merged"
+    key = registration_key(lineage, artifact_type)
+
+    def register_once() -> ModelVersion:
+        existing = find_version(cfg, name, key)
+        if existing is not None:
+            log.info("%s v%s already holds this data, config and code", name, existing.version)
+            return existing
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=artifact_type,
+                python_model=MODEL_CODE,
+                artifacts=model_artifacts(adapter_dir, base_dir),
+                model_config={"base_model": lineage.base_model, "max_new_tokens": max_new_tokens},
+                signature=infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."]),
+                input_example=INPUT_EXAMPLE,
+                pip_requirements=[f"{p}=={installed_version(p)}" for p in RUNTIME_PACKAGES],
+            )
+        # Lineage, key and metrics are set with the version itself, so none is ever missing.
+        tags = {**lineage.tags(), "phi3ops.artifact_type": artifact_type,
+                "phi3ops.run_id": run_id, "phi3ops.registration_key": key,
+                **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()}}
+        if evaluated_against is not None:  # the champion scored on the same split in this run
+            tags["phi3ops.evaluated_against"] = evaluated_against
+        return mlflow.register_model(info.model_uri, name, tags=tags)
+
+    version = with_retries(f"register {name}", register_once)
     client = MlflowClient()
-    for key, value in metrics.items():
-        client.set_model_version_tag(cfg.registered_model, version.version, f"metric.{key}",
-                                     repr(float(value)))
-    client.set_registered_model_alias(cfg.registered_model, cfg.challenger_alias, version.version)
+    with_retries("describe the version", lambda: client.update_model_version(
+        name, version.version, description=card))
+    if artifact_type == "adapter":
+        with_retries("set @challenger", lambda: client.set_registered_model_alias(
+            name, cfg.challenger_alias, version.version))
     return version
 
 

@@ -38,14 +38,16 @@ class Phi3ChatModel(mlflow.pyfunc.PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         config = context.model_config or {}
-        adapter_dir = context.artifacts["adapter"]
+        adapter_dir = context.artifacts.get("adapter")  # absent for a merged model
         base = context.artifacts.get("base_model") or config["base_model"]
-        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base,
+                                                       trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
             base, revision=config.get("base_revision"), trust_remote_code=False,
             use_safetensors=True, dtype="auto",
         )
-        self.model = PeftModel.from_pretrained(model, adapter_dir).eval()
+        self.model = (PeftModel.from_pretrained(model, adapter_dir) if adapter_dir else model)
+        self.model.eval()
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
 
     def predict(
@@ -61,8 +63,11 @@ class Phi3ChatModel(mlflow.pyfunc.PythonModel):
         )
 
 
-def model_artifacts(adapter_dir: Path, base_dir: Path | None) -> dict[str, str]:
-    artifacts = {"adapter": str(adapter_dir)}
+def model_artifacts(adapter_dir: Path | None, base_dir: Path | None) -> dict[str, str]:
+    """Adapter and/or local base weights; a merged model is only a base, a hub base is neither."""
+    artifacts = {}
+    if adapter_dir is not None:
+        artifacts["adapter"] = str(adapter_dir)
     if base_dir is not None:
         artifacts["base_model"] = str(base_dir)
     return artifacts

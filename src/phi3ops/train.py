@@ -128,6 +128,16 @@ def train(
     )
 
 
+def merge_adapter(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path,
+                  cache_dir: Path) -> Path:
+    """Fold the adapter into an unquantised copy of the base and save it (safetensors) with the
+    tokenizer: a plain transformers model for serving stacks that know no peft."""
+    merged = load_adapter_model(model_cfg, adapter_dir, cache_dir).merge_and_unload()
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    load_tokenizer(model_cfg, cache_dir).save_pretrained(str(out_dir))
+    return out_dir
+
+
 def load_adapter_model(model_cfg: ModelConfig, adapter_dir: Path, cache_dir: Path) -> PeftModel:
     """Base weights plus a saved adapter, ready for generation."""
     base = load_model(model_cfg, cache_dir, use_cache=True)
