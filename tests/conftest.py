@@ -72,33 +72,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """A real `mlflow server` on SQLite with served artifacts, on 127.0.0.1 and a free port."""
-    home = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = (home / "server.log").open("w")
+def start_mlflow(home: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on SQLite with served artifacts, on 127.0.0.1:port, once healthy."""
+    log = (home / "server.log").open("a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
          f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 log_text = (home / "server.log").read_text()
                 raise RuntimeError(f"mlflow server did not start:\n{log_text}") from None
             time.sleep(0.5)
-    yield url
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    home = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = start_mlflow(home, port)
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -172,7 +172,7 @@ def register_adapter(
     (data, config, code) gives the existing version, also when a retry follows a failure.
     A merged model (`artifact_type="merged"`, base_dir = merged weights, no adapter) goes to
     `<name>-merged`, without aliases: promotion is decided on the adapter."""
-    connect(cfg)
+    with_retries("reach MLflow", lambda: connect(cfg))
     name = cfg.registered_model if artifact_type == "adapter" else f"{cfg.registered_model}-merged"
     key = registration_key(lineage, artifact_type)
 

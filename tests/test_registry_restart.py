@@ -1,0 +1,64 @@
+"""Registration survives an MLflow server restart and never duplicates a version."""
+
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+from peft import get_peft_model
+
+from phi3ops.config import load_mlflow_config
+from phi3ops.errors import RegistryError
+from phi3ops.modeling import load_model, tiny_model_dir
+from phi3ops.registry import Lineage, register_adapter
+from phi3ops.train import build_lora_config
+from tests.conftest import REPO, free_port, start_mlflow, stop
+
+pytestmark = pytest.mark.slow  # restarts a server and waits out the backoff
+LINEAGE = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash="c1",
+                  code_git_rev="r1", pipeline="tiny-cpu", base_model="tiny-phi3")
+
+
+@pytest.fixture
+def adapter(tmp_path, tiny_config, tiny_models):
+    model = get_peft_model(load_model(tiny_config.model, tiny_models),
+                           build_lora_config(tiny_config.peft_config))
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", tiny_model_dir(tiny_config.model.tiny, tiny_models)
+
+
+def test_register_is_idempotent_across_a_restart(adapter, tmp_path, monkeypatch):
+    home, port = tmp_path / "mlflow", free_port()
+    home.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our backoff, not the client's
+    cfg = load_mlflow_config(REPO / "mlflow.yaml").resolved(tmp_path)
+    adapter_dir, base_dir = adapter
+    server = start_mlflow(home, port)
+    client = MlflowClient(url)
+    run_id = client.create_run(client.create_experiment("restart")).info.run_id
+
+    def register(lineage=LINEAGE):
+        return register_adapter(cfg, run_id, adapter_dir, base_dir, lineage, {"tuned_rougeL": 0.5},
+                                16, card="card")
+
+    first = register()
+    stop(server)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(v=register()))
+    worker.start()  # MLflow is down: the first attempts fail and back off
+    time.sleep(2)
+    server = start_mlflow(home, port)
+    worker.join(timeout=120)
+    try:
+        assert result["v"].version == first.version, "the retry found the existing version"
+        versions = client.search_model_versions(f"name='{cfg.registered_model}'")
+        assert [v.version for v in versions] == [first.version]
+        other = register(Lineage(**{**LINEAGE.__dict__, "config_hash": "c2"}))
+        assert other.version != first.version
+    finally:
+        stop(server)
+    with pytest.raises(RegistryError, match=r"could not reach MLflow after 5 attempts: .*"
+                                            r"Connection refused"):
+        register()
