@@ -1,9 +1,13 @@
 """End to end: the Prefect retrain flow on a fresh clone, against a real MLflow server."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -12,7 +16,7 @@ from mlflow import MlflowClient
 from phi3ops.config import DataConfig
 from phi3ops.data import DataError, record_version, recorded_md5
 from phi3ops.validation import TooManyRejectedError
-from tests.conftest import git
+from tests.conftest import free_port, git
 
 pytestmark = pytest.mark.slow
 MODEL = "phi3ops-chat"
@@ -25,6 +29,32 @@ def load_flow(project):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def serve_and_ask(model_uri: str, env: dict) -> str:
+    port = free_port()
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "serve failed"
+                time.sleep(0.5)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", method="POST",
+            data=json.dumps({"dataframe_records": [QUESTION]}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.load(response)["predictions"][0]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefect_harness,
@@ -72,6 +102,9 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
                           capture_output=True, text=True, env=env, timeout=300)
     assert chat.returncode == 0, chat.stderr
     assert "Rome" in chat.stdout
+
+    # `mlflow models serve` answers a chat request over HTTP.
+    assert "Paris" in serve_and_ask(f"models:/{MODEL}@champion", env)
 
     # `phi3ops evaluate` scores a registered model on its own, with the same numbers.
     scored = subprocess.run([sys.executable, "-m", "phi3ops.cli", "evaluate", "--root",
