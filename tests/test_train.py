@@ -69,3 +69,15 @@ def test_batched_generation_equals_one_at_a_time(trained, tiny_models):
               for p in prompts]
     assert batched == single
     assert all("<|end|>" not in r and "<|assistant|>" not in r for r in batched)
+
+
+def test_a_reply_that_fits_max_new_tokens_is_never_cut(trained, tiny_models):
+    cfg, _, result, _, tokenizer = trained
+    model = load_adapter_model(cfg.model, result.adapter_dir, tiny_models)
+    prompts = [[{"role": "user", "content": q}] for q in
+               ("What is the capital of Peru?", "Add 12 and 7.", "What colour is a lime?")]
+    free = generate_replies(model, tokenizer, prompts, max_new_tokens=64, batch_size=3)
+    # Room for the longest reply plus its <|end|>: every reply must come out whole.
+    needed = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in free) + 1
+    assert needed < 64, "the replies stop on <|end|> by themselves"
+    assert generate_replies(model, tokenizer, prompts, max_new_tokens=needed, batch_size=3) == free

@@ -62,7 +62,8 @@ def run(
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Option(
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/adapter or an adapter dir")],
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, a run id, runs:/ID/adapter, or an "
+             "adapter directory")],
     pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
     data_rev: Annotated[str | None, typer.Option(help="held-out split of this git rev")] = None,
 ):
@@ -83,7 +84,8 @@ def evaluate(
         chat_model = load_adapter_model(cfg.model, Path(model), paths.models), tokenizer
     else:
         mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
-        chat_model = load_chat_model(mcfg, model)
+        uri = model if ":/" in model else f"runs:/{model}/adapter"  # a bare run id
+        chat_model = load_chat_model(mcfg, uri)
     conversations = held_out(Path(prep.out_dir), cfg.evaluation)
     _, metrics, _ = run_model(*chat_model, conversations, cfg.evaluation)
     typer.echo(f"{model} on {len(conversations)} held-out conversations of {dataset.md5}:")
