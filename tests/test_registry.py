@@ -157,3 +157,17 @@ def test_concurrent_promotions_leave_the_better_version(mlflow_cfg, mlflow_serve
     tags = MlflowClient().get_model_version(mlflow_cfg.registered_model, worse).tags
     assert tags["promotion.decision"] in ("superseded", "rejected")
     assert dict(zip(order, outputs, strict=True)) == {better: "True", worse: "False"}
+
+
+def test_duplicates_of_a_registration_key_are_removed(mlflow_cfg):
+    from phi3ops.registry import find_version
+
+    client = MlflowClient()
+    first, second = register(mlflow_cfg), register(mlflow_cfg)
+    for v in (first, second):
+        client.set_model_version_tag(mlflow_cfg.registered_model, v, "phi3ops.registration_key",
+                                     "k1")
+    assert find_version(mlflow_cfg, mlflow_cfg.registered_model, "k1").version == first
+    remaining = client.search_model_versions(f"name='{mlflow_cfg.registered_model}'")
+    assert [v.version for v in remaining] == [first]
+    assert find_version(mlflow_cfg, mlflow_cfg.registered_model, "k2") is None

@@ -54,7 +54,8 @@ def test_register_is_idempotent_across_a_restart(adapter, tmp_path, monkeypatch)
     try:
         assert result["v"].version == first.version, "the retry found the existing version"
         versions = client.search_model_versions(f"name='{cfg.registered_model}'")
-        assert [v.version for v in versions] == [first.version]
+        assert [v.version for v in versions] == [first.version], [
+            (v.version, v.tags, v.run_id, v.creation_timestamp) for v in versions]
         other = register(Lineage(**{**LINEAGE.__dict__, "config_hash": "c2"}))
         assert other.version != first.version
     finally:

@@ -134,8 +134,16 @@ def registration_key(lineage: Lineage, artifact_type: str) -> str:
 
 
 def find_version(cfg: MlflowConfig, name: str, key: str) -> ModelVersion | None:
-    versions = MlflowClient().search_model_versions(f"name='{name}'")
-    return next((v for v in versions if v.tags.get("phi3ops.registration_key") == key), None)
+    """The oldest version with this key. Newer ones are duplicates, left by a create whose reply
+    was lost before a retry (at-least-once over HTTP); they are deleted so the key stays unique."""
+    client = MlflowClient()
+    same = sorted((v for v in client.search_model_versions(f"name='{name}'")
+                   if v.tags.get("phi3ops.registration_key") == key), key=lambda v: int(v.version))
+    for duplicate in same[1:]:
+        log.warning("deleting %s v%s: a duplicate of v%s (same registration key)",
+                    name, duplicate.version, same[0].version)
+        client.delete_model_version(name, duplicate.version)
+    return same[0] if same else None
 
 
 def model_card(pipeline: PipelineConfig, lineage: Lineage, metrics: dict[str, float]) -> str:
@@ -199,7 +207,8 @@ def register_adapter(
             tags["phi3ops.evaluated_against"] = evaluated_against
         return mlflow.register_model(info.model_uri, name, tags=tags)
 
-    version = with_retries(f"register {name}", register_once)
+    with_retries(f"register {name}", register_once)
+    version = with_retries("check the key is unique", lambda: find_version(cfg, name, key))
     client = MlflowClient()
     with_retries("describe the version", lambda: client.update_model_version(
         name, version.version, description=card))
@@ -214,6 +223,20 @@ def alias_version(cfg: MlflowConfig, alias: str) -> ModelVersion | None:
         return MlflowClient().get_model_version_by_alias(cfg.registered_model, alias)
     except MlflowException:
         return None
+
+
+def same_as_champion(cfg: MlflowConfig, dataset_md5: str, config_hash: str,
+                     code_rev: str) -> str | None:
+    """The champion's version when it was trained on this very data, config and code. A dirty
+    or unversioned work tree never matches: nothing proves its code is the same."""
+    if code_rev.endswith("-dirty") or code_rev == "unversioned":
+        return None
+    champion = alias_version(cfg, cfg.champion_alias)
+    if champion is None:
+        return None
+    recorded = tuple(champion.tags.get(f"phi3ops.{k}")
+                     for k in ("dataset_md5", "config_hash", "code_git_rev"))
+    return champion.version if recorded == (dataset_md5, config_hash, code_rev) else None
 
 
 def load_registered(cfg: MlflowConfig, uri: str):
