@@ -16,7 +16,9 @@ export HF_DATASETS_OFFLINE ?= 1
 export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install run test test-fast ui lint clean
+PREFECT_PORT ?= 4200
+
+.PHONY: install run test test-fast ui schedule lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +42,14 @@ test-fast: install  ## unit tests only
 ui: install  ## MLflow UI over the local tracking store on http://127.0.0.1:5000
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns.db \
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+
+schedule: install  ## local Prefect server (SQLite) + the retrain deployment on its cron
+	@curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null || \
+		( mkdir -p .cache && $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) \
+			> .cache/prefect-server.log 2>&1 & \
+		  until curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null; do sleep 1; done )
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python flows/schedule.py \
+		--pipeline $(PIPELINE)
 
 lint: install
 	$(BIN)/ruff check src flows tests bench

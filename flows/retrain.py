@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from phi3ops import data, drift, evaluation, preprocess, promotion, registry, train
@@ -47,6 +47,20 @@ register_adapter = task(registry.register_adapter, name="register", **NETWORK)
 promote = task(promotion.promote, name="promote", **NETWORK)
 
 
+def nothing_changed(mcfg: MlflowConfig, run_id: str, name: str, champion: str,
+                    dataset_md5: str) -> dict:
+    """End a run whose data, config and code are the champion's: training would repeat it."""
+    reason = f"nothing changed since champion v{champion} (data, config and code are the same)"
+    registry.log_tags(run_id, {"phi3ops.skipped": reason})
+    registry.end_run(run_id)
+    create_markdown_artifact(key="retrain-summary", markdown=(
+        f"# retrain {name}: nothing changed\n\n{reason}; no training. Change the data "
+        "(`phi3ops data add`), the config or the code, or run with `--force`.\n"))
+    get_run_logger().info(reason)
+    return {"run_id": run_id, "skipped": True, "version": int(champion), "promoted": False,
+            "reason": reason, "dataset_md5": dataset_md5}
+
+
 def publish_drift(mcfg: MlflowConfig, run_id: str, root: Path, data_cfg: DataConfig,
                   dataset: data.DatasetVersion) -> None:
     """When the data differs from the champion's, say how, in Prefect and in the MLflow run."""
@@ -64,6 +78,7 @@ def publish_drift(mcfg: MlflowConfig, run_id: str, root: Path, data_cfg: DataCon
 def retrain(
     pipeline: str = "pipelines/tiny-cpu.yaml", overrides: list[str] | None = None,
     root: str = ".", mlflow_config: str = "mlflow.yaml", data_rev: str | None = None,
+    force: bool = False,
 ) -> dict:
     logger = get_run_logger()
     paths = ProjectPaths(root)
@@ -72,20 +87,29 @@ def retrain(
     model_path = resolve_model_path(cfg.model, paths.models)  # fails fast if weights are missing
 
     run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
+    stage = "version_data"
     try:
         dataset = version_data(paths.root, cfg.data, data_rev)
         registry.log_tags(run_id, {"phi3ops.dataset_md5": dataset.md5,
                                    "phi3ops.data_git_rev": dataset.git_rev,
                                    "phi3ops.data_rev": data_rev or "work tree"})
+        code_rev = data.git_rev(paths.root)
+        unchanged = None if force else registry.same_as_champion(
+            mcfg, dataset.md5, cfg.config_hash(), code_rev)
+        if unchanged is not None:
+            return nothing_changed(mcfg, run_id, cfg.name, unchanged, dataset.md5)
         publish_drift(mcfg, run_id, paths.root, cfg.data, dataset)
+        stage = "preprocess"
         tokenizer = load_tokenizer(cfg.model, paths.models)
         prep = preprocess_data(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
                                paths.processed)
         logger.info("preprocess: %s", prep.summary())
         registry.log_preprocess(run_id, prep)
+        stage = "train"
         trained = train_adapter(cfg.model, cfg.peft_config, cfg.training_config,
                                 Path(prep.out_dir), paths.runs / run_id, paths.models,
                                 log_metrics=lambda m, step: registry.log_metrics(run_id, m, step))
+        stage = "evaluate"
         champion = registry.load_champion(mcfg)
         scores = evaluate_adapter(cfg.model, cfg.evaluation, Path(prep.out_dir),
                                   Path(trained.adapter_dir), paths.models,
@@ -93,9 +117,12 @@ def retrain(
         metrics = scores.flat()
         registry.log_metrics(run_id, metrics)
         registry.log_samples(run_id, scores.samples, "eval/samples.json")
+        create_table_artifact(key="sample-answers", table=scores.samples[:20],
+                              description="first held-out answers of each model")
+        stage = "register"
         lineage = registry.Lineage(
             dataset_md5=dataset.md5, data_git_rev=dataset.git_rev,
-            config_hash=cfg.config_hash(), code_git_rev=data.git_rev(paths.root),
+            config_hash=cfg.config_hash(), code_git_rev=code_rev,
             pipeline=cfg.name, base_model=cfg.model.name_or_path,
         )
         base_dir = Path(model_path) if Path(model_path).is_dir() else None
@@ -109,9 +136,13 @@ def retrain(
                                paths.runs / run_id / "merged", paths.models)
             register_adapter(mcfg, run_id, None, merged_dir, lineage, metrics,
                              cfg.evaluation.max_new_tokens, card=card, artifact_type="merged")
+        stage = "promote"
         decision = promote(mcfg, version.version)
-    except BaseException:
+    except BaseException as e:
         registry.end_run(run_id, failed=True)
+        create_markdown_artifact(key="retrain-failure", markdown=(
+            f"# retrain {cfg.name} failed in `{stage}`\n\n```\n{type(e).__name__}: {e}\n```\n\n"
+            f"MLflow run `{run_id}` is marked FAILED; no alias moved.\n"))
         raise
     registry.end_run(run_id)
 
@@ -150,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pipeline", default="pipelines/tiny-cpu.yaml")
     parser.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
     parser.add_argument("--data-rev", help="train on the dataset of this git rev or tag")
+    parser.add_argument("--force", action="store_true",
+                        help="train even when data, config and code are the champion's")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
     paths = ProjectPaths(args.root)
@@ -160,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root,
-                   data_rev=args.data_rev)
+                   data_rev=args.data_rev, force=args.force)
 
 
 if __name__ == "__main__":

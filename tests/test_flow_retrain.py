@@ -113,9 +113,15 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert scored.returncode == 0, scored.stderr
     assert f"rougeL       {metrics['tuned_rougeL']:.4f}" in scored.stdout
 
-    # A second run on the same data (pinned by git rev), config and code registers nothing
-    # new: the registration key finds v1, which is already champion.
-    second = flow.retrain(root=str(project), data_rev="HEAD")
+    # With nothing changed the run ends before training. Forced, on the same data (pinned by
+    # git rev), config and code, it registers nothing new: the key finds v1, already champion.
+    skipped = flow.retrain(root=str(project))
+    assert skipped["skipped"] and skipped["version"] == first["version"]
+    assert "nothing changed since champion v1" in skipped["reason"]
+    assert client.get_run(skipped["run_id"]).data.tags["phi3ops.skipped"] == skipped["reason"]
+    assert "loss" not in client.get_run(skipped["run_id"]).data.metrics, "no training"
+
+    second = flow.retrain(root=str(project), data_rev="HEAD", force=True)
     second_tags = client.get_run(second["run_id"]).data.tags
     assert second_tags["phi3ops.data_rev"] == "HEAD"
     assert second_tags["phi3ops.data_git_rev"] == git(project, "rev-parse", "HEAD")

@@ -49,12 +49,16 @@ def run(
     data_rev: Annotated[str | None, typer.Option(
         help="train on the dataset of this git rev or tag (default: data.dvc in the work tree)"
     )] = None,
+    force: Annotated[bool, typer.Option(
+        help="train even when data, config and code are the champion's")] = False,
 ):
     """Run the retrain flow: version data, preprocess, train, evaluate, register, promote."""
     paths = ProjectPaths(root)
     argv = ["--pipeline", str(pipeline), "--root", str(paths.root), *(overrides or [])]
     if data_rev:
         argv += ["--data-rev", data_rev]
+    if force:
+        argv.append("--force")
     summary = _load_flow_module(paths.root).main(argv)
     typer.echo(json.dumps(summary, indent=2))
 

@@ -122,6 +122,9 @@ class RegistrationConfig(_Frozen):
 
 class PipelineConfig(_Frozen):
     name: str
+    schedule: str | None = Field(
+        None, pattern=r"^\S+( \S+){4}$", description="cron for `make schedule`, e.g. '0 3 * * 1'"
+    )
     model: ModelConfig
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
