@@ -142,7 +142,8 @@ def retrain(
         registry.end_run(run_id, failed=True)
         create_markdown_artifact(key="retrain-failure", markdown=(
             f"# retrain {cfg.name} failed in `{stage}`\n\n```\n{type(e).__name__}: {e}\n```\n\n"
-            f"MLflow run `{run_id}` is marked FAILED; no alias moved.\n"))
+            f"MLflow run `{run_id}` is marked FAILED."
+            + ("" if stage == "promote" else " No alias moved.") + "\n"))
         raise
     registry.end_run(run_id)
 

@@ -36,7 +36,7 @@ def test_register_is_idempotent_across_a_restart(adapter, tmp_path, monkeypatch)
     cfg = load_mlflow_config(REPO / "mlflow.yaml").resolved(tmp_path)
     adapter_dir, base_dir = adapter
     server = start_mlflow(home, port)
-    client = MlflowClient(url)
+    client = MlflowClient(url, registry_uri=url)  # not the registry an earlier test set
     run_id = client.create_run(client.create_experiment("restart")).info.run_id
 
     def register(lineage=LINEAGE):
