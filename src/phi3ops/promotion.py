@@ -12,17 +12,20 @@ better version wins, not the last writer.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
 from phi3ops.config import MlflowConfig, PromotionPolicy
 from phi3ops.errors import RegistryError
 from phi3ops.registry import alias_version, connect
 
+log = logging.getLogger(__name__)
 PREVIOUS = "previous-champion"
 NO_CHAMPION = "none"
 
@@ -105,9 +108,15 @@ def _settle(client: MlflowClient, cfg: MlflowConfig, baseline: str) -> str:
         current = alias_version(cfg, cfg.champion_alias)
         if current is not None and current.version == best.version:
             return best.version
-        client.set_registered_model_alias(cfg.registered_model, cfg.champion_alias, best.version)
-        if baseline != NO_CHAMPION:
-            client.set_registered_model_alias(cfg.registered_model, PREVIOUS, baseline)
+        try:
+            client.set_registered_model_alias(cfg.registered_model, cfg.champion_alias,
+                                              best.version)
+            if baseline != NO_CHAMPION:
+                client.set_registered_model_alias(cfg.registered_model, PREVIOUS, baseline)
+        except MlflowException as e:
+            # Two first-time writes of one alias collide in the store (its insert is not an
+            # upsert); the other writer got there, so re-read and decide again.
+            log.info("alias write raced another promoter (%s); re-reading", e.error_code)
         time.sleep(0.05)
     raise RegistryError(f"@{cfg.champion_alias} did not settle after 50 tries")
 
