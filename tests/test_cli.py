@@ -1,8 +1,11 @@
 """The `phi3ops` command as a user runs it: clear errors, no stack traces."""
 
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -65,3 +68,25 @@ def test_data_add_then_status(project, tmp_path):
     assert status.returncode == 0, status.stderr
     assert "data/ matches data.dvc" in status.stdout
     assert "remote holds this version" in status.stdout
+
+
+def test_train_runs_in_a_child_process_and_prints_its_result(project):
+    result = phi3ops("train", "training_config.max_steps=4", "training_config.save_steps=2",
+                     "--root", str(project), "--out", str(project / "runs" / "cli"))
+    assert result.returncode == 0, result.stderr
+    assert "training peft adapter on 1 process(es)" in result.stdout
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["global_step"] == 4 and summary["world_size"] == 1
+    assert (project / "runs" / "cli" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (project / "runs" / "cli" / "train.log").is_file()
+
+
+def test_qlora_without_cuda_stops_at_once():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = phi3ops("train", "--pipeline", "pipelines/phi3-mini-qlora.yaml")
+    assert result.returncode == 2
+    assert "4-bit QLoRA (model.quantization) needs a CUDA GPU" in result.stderr
+    assert "Traceback" not in result.stderr

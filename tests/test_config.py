@@ -100,3 +100,50 @@ def test_project_paths_are_under_the_root(tmp_path):
     paths = ProjectPaths(tmp_path)
     assert paths.pipeline("pipelines/x.yaml") == tmp_path / "pipelines" / "x.yaml"
     assert paths.models.is_relative_to(tmp_path) and paths.runs.is_relative_to(tmp_path)
+
+
+def test_qlora_profile_is_valid_and_stops_at_once_without_cuda(tmp_path):
+    from phi3ops.errors import Phi3opsError
+    from phi3ops.modeling import bnb_config
+    from phi3ops.train import check_runtime
+
+    cfg = load_config(REPO / "pipelines" / "phi3-mini-qlora.yaml")
+    quant = cfg.model.quantization
+    assert quant.quant_type == "nf4" and quant.double_quant and cfg.adapter.backend == "peft"
+    bnb = bnb_config(quant)
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4"
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(Phi3opsError, match="needs a CUDA GPU"):
+        check_runtime(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adapter.backend=loralib", "model.tiny.num_key_value_heads=2"], "equal q, k, v"),
+    (["launch.strategy=fsdp"], "launch.nproc >= 2"),
+    (["launch.strategy=fsdp", "launch.nproc=2", "adapter.backend=loralib"], "backend: peft"),
+    (["training_config.save_total_limit=1"], "at least 2"),
+    (["adapter.backend=lora"], "adapter.backend"),
+    (["model.quantization.quant_type=nf4"], "tiny CPU model cannot be quantised"),
+])
+def test_training_settings_that_cannot_work_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "pipelines" / "tiny-cpu.yaml", overrides)
+
+
+def test_fsdp_settings_shard_decoder_layers_and_need_gpus(tmp_path):
+    from phi3ops.errors import Phi3opsError
+    from phi3ops.train import check_runtime
+
+    cfg = load_config(REPO / "pipelines" / "phi3-mini-lora.yaml",
+                      ["launch.strategy=fsdp", "launch.nproc=8"])
+    sft = build_sft_config(cfg.training_config, torch.bfloat16, tmp_path, cfg.launch)
+    assert sft.fsdp and sft.fsdp_config["version"] == 2
+    assert sft.fsdp_config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert sft.fsdp_config["transformer_layer_cls_to_wrap"] == ["Phi3DecoderLayer"]
+    assert sft.fsdp_config["activation_checkpointing"] is True
+    assert sft.gradient_checkpointing is False, "FSDP checkpoints activations itself"
+    if not torch.cuda.is_available():
+        with pytest.raises(Phi3opsError, match="fsdp is for GPUs"):
+            check_runtime(cfg)

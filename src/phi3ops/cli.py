@@ -1,6 +1,7 @@
 """The `phi3ops` command.
 
     phi3ops run --pipeline pipelines/tiny-cpu.yaml        # the whole retrain flow
+    phi3ops train --pipeline pipelines/tiny-cpu.yaml --nproc 2   # only training (DDP)
     phi3ops chat --alias champion "What is the capital of France?"
     phi3ops evaluate --model models:/phi3ops-chat@champion
     phi3ops promote --version 3 | phi3ops promote --rollback
@@ -61,6 +62,38 @@ def run(
         argv.append("--force")
     summary = _load_flow_module(paths.root).main(argv)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def train(
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+    nproc: Annotated[int | None, typer.Option(
+        help="processes (DDP: gloo on CPU, nccl on GPU); default launch.nproc")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="run directory (checkpoints, adapter); rerun with the same one to resume")] = None,
+    data_rev: Annotated[str | None, typer.Option(help="dataset of this git rev or tag")] = None,
+):
+    """Train an adapter on the current dataset, outside the flow (no MLflow run, no registry)."""
+    from phi3ops.data import checkout_version
+    from phi3ops.launch import run_training
+    from phi3ops.modeling import load_tokenizer
+    from phi3ops.preprocess import preprocess
+    from phi3ops.train import check_runtime
+
+    paths = ProjectPaths(root)
+    extra = [f"launch.nproc={nproc}"] if nproc else []
+    cfg = load_config(paths.pipeline(pipeline), [*(overrides or []), *extra])
+    check_runtime(cfg)  # QLoRA or FSDP without CUDA: say so before fetching anything
+    dataset = checkout_version(paths.root, cfg.data, data_rev)
+    tokenizer = load_tokenizer(cfg.model, paths.models)
+    prep = preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer, paths.processed)
+    out_dir = (out or paths.runs / f"train-{cfg.name}-{cfg.config_hash()}").resolve()
+    typer.echo(f"training {cfg.adapter.backend} adapter on {cfg.launch.nproc} process(es); "
+               f"log: {out_dir / 'train.log'}")
+    result = run_training(cfg, Path(prep.out_dir), out_dir, paths.models)
+    typer.echo(json.dumps({k: v for k, v in result.to_json().items() if k != "history"},
+                          indent=2))
 
 
 @app.command()

@@ -48,12 +48,24 @@ class TinyModelConfig(_Frozen):
     seed: int = 0
 
 
+class QuantizationConfig(_Frozen):
+    """QLoRA: the frozen base loaded in 4 bits through bitsandbytes (needs a CUDA GPU)."""
+
+    load_in_4bit: Literal[True] = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    double_quant: bool = Field(True, description="quantise the quantisation constants too")
+
+
 class ModelConfig(_Frozen):
     name_or_path: str = Field(description=f"hub id, local directory, or '{TINY_MODEL}'")
     revision: str | None = None
     tiny: TinyModelConfig | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    quantization: QuantizationConfig | None = Field(
+        None, description="load the base in 4 bits for training (QLoRA); merging uses full weights"
+    )
 
 
 class DataConfig(_Frozen):
@@ -96,6 +108,11 @@ class TrainingConfig(_Frozen):
     save_total_limit: int = Field(2, gt=0)
     gradient_checkpointing: bool = False
     use_cache: bool = Field(False, description="KV cache is useless in training and costs memory")
+    packing: bool = Field(False, description="pack conversations into max_length rows (BFD)")
+    padding_free: bool = Field(
+        False, description="concatenate a batch into one row with position ids: no pad tokens"
+    )
+    group_by_length: bool = Field(False, description="batch conversations of similar length")
     seed: int = 0
 
 
@@ -108,6 +125,24 @@ class PeftLoraConfig(_Frozen):
     bias: Literal["none", "all", "lora_only"] = "none"
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
     target_modules: tuple[str, ...] = PHI3_FUSED_TARGETS
+
+
+class AdapterConfig(_Frozen):
+    backend: Literal["peft", "loralib"] = Field(
+        "peft", description="peft + trl (default), or the Cookbook's loralib recipe"
+    )
+
+
+class LaunchConfig(_Frozen):
+    """How training runs: in a child process (killed after timeout_s), on one or more ranks."""
+
+    nproc: int = Field(1, ge=1, description="processes; more than one trains with DDP/FSDP")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: gloo on CPU, nccl on GPU; fsdp: GPUs only, shards the base"
+    )
+    timeout_s: int = Field(
+        3600, gt=0, description="a hung step is killed; the retry resumes from the last checkpoint"
+    )
 
 
 class EvaluationConfig(_Frozen):
@@ -130,6 +165,8 @@ class PipelineConfig(_Frozen):
     preprocess: PreprocessConfig = PreprocessConfig()
     training_config: TrainingConfig
     peft_config: PeftLoraConfig = PeftLoraConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    launch: LaunchConfig = LaunchConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     registration: RegistrationConfig = RegistrationConfig()
 
@@ -150,6 +187,7 @@ class PipelineConfig(_Frozen):
                 problems.append(
                     "training_config.max_length: exceeds model.tiny.max_position_embeddings"
                 )
+        problems += self._training_checks()
         for name in self.peft_config.target_modules:
             if name in UNFUSED_NAMES:
                 problems.append(
@@ -159,6 +197,35 @@ class PipelineConfig(_Frozen):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _training_checks(self) -> list[str]:
+        """Combinations the libraries accept but that would fail late or train the wrong thing."""
+        problems = []
+        loralib = self.adapter.backend == "loralib"
+        tiny = self.model.tiny
+        if loralib and tiny is not None and tiny.num_key_value_heads != tiny.num_attention_heads:
+            problems.append("adapter.backend: loralib's MergedLinear splits qkv_proj into equal "
+                            "q, k, v parts; it needs num_key_value_heads == num_attention_heads")
+        if self.model.quantization is not None:
+            if loralib:
+                problems.append("model.quantization: 4-bit QLoRA needs adapter.backend: peft "
+                                "(loralib cannot wrap bitsandbytes layers)")
+            if self.model.name_or_path == TINY_MODEL:
+                problems.append("model.quantization: the tiny CPU model cannot be quantised")
+        if self.launch.strategy == "fsdp":
+            if self.launch.nproc < 2:
+                problems.append("launch.strategy: fsdp shards over ranks; set launch.nproc >= 2")
+            if loralib:
+                problems.append("launch.strategy: fsdp is supported with adapter.backend: peft")
+        train = self.training_config
+        unpacked_padding_free = train.padding_free and not train.packing
+        if unpacked_padding_free and train.max_length < self.preprocess.max_length:
+            problems.append("training_config.padding_free: without packing nothing truncates in "
+                            "training; keep training_config.max_length >= preprocess.max_length")
+        if train.save_total_limit < 2:
+            problems.append("training_config.save_total_limit: keep at least 2 so a complete "
+                            "checkpoint survives while the next one is being written")
+        return problems
 
     def config_hash(self) -> str:
         """Stable short hash of the resolved config: the lineage key of a trained adapter."""

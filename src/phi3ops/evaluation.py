@@ -6,7 +6,7 @@ Each held-out conversation becomes a prompt (every turn before the last assistan
 reference (that reply). Generation is greedy, batched with left padding and the KV cache, and
 stops at <|end|>. Metrics (ROUGE, BLEU, chrF, exact match) are modules kept in the package;
 perplexity comes from the loss on assistant tokens. Deltas against the base model and the
-champion carry a paired bootstrap 95% interval. The base model is the tuned PeftModel with its
+champion carry a paired bootstrap 95% interval. The base model is the tuned model with its
 adapter disabled, so the weights load once.
 """
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from phi3ops import adapters
 from phi3ops.config import EvaluationConfig, ModelConfig
 from phi3ops.metrics import metric_path
 from phi3ops.modeling import PHI3_CHAT_TEMPLATE, load_tokenizer
@@ -158,7 +159,7 @@ def evaluate_adapter(
     tuned = load_adapter_model(model_cfg, adapter_dir, cache_dir)
 
     outputs = {"tuned": run_model(tuned, tokenizer, conversations, eval_cfg)}
-    with tuned.disable_adapter():
+    with adapters.disabled(tuned):
         outputs["base"] = run_model(tuned, tokenizer, conversations, eval_cfg)
     if champion is not None:
         outputs["champion"] = run_model(*champion, conversations, eval_cfg)

@@ -27,7 +27,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from phi3ops.config import TINY_MODEL, ModelConfig, TinyModelConfig, sha256_json
+from phi3ops.config import (
+    TINY_MODEL,
+    ModelConfig,
+    QuantizationConfig,
+    TinyModelConfig,
+    sha256_json,
+)
 from phi3ops.demo_data import DEMO_SEED, DEMO_SIZE, generate_conversations, tokenizer_corpus
 from phi3ops.errors import ModelNotAvailableError
 
@@ -203,13 +209,27 @@ def load_tokenizer(model: ModelConfig, cache_dir: Path) -> PreTrainedTokenizerFa
     return tokenizer
 
 
-def load_model(model: ModelConfig, cache_dir: Path, use_cache: bool = True) -> PreTrainedModel:
+def bnb_config(quant: QuantizationConfig):
+    """QLoRA's 4-bit settings for transformers (bitsandbytes is imported only on a GPU box)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+        bnb_4bit_use_double_quant=quant.double_quant,
+    )
+
+
+def load_model(model: ModelConfig, cache_dir: Path, use_cache: bool = True,
+               quantization: QuantizationConfig | None = None) -> PreTrainedModel:
+    """The base in full precision, or in 4 bits when training with QLoRA."""
     path = resolve_model_path(model, cache_dir)
+    extra = {"quantization_config": bnb_config(quantization)} if quantization else {}
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, revision=model.revision, dtype=resolve_dtype(model.dtype),
             attn_implementation=model.attn_implementation, use_cache=use_cache,
-            trust_remote_code=False, use_safetensors=True,
+            trust_remote_code=False, use_safetensors=True, **extra,
         )
     except (OSError, ValueError) as e:
         raise _wrap_load_error(model, e) from e

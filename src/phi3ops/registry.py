@@ -28,8 +28,8 @@ from phi3ops.preprocess import PreprocessResult
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
 
 log = logging.getLogger(__name__)
-RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
-                    "mlflow", "pandas")
+RUNTIME_PACKAGES = ("torch", "transformers", "peft", "loralib", "accelerate", "safetensors",
+                    "tokenizers", "mlflow", "pandas")
 
 
 @dataclass
@@ -162,7 +162,8 @@ def model_card(pipeline: PipelineConfig, lineage: Lineage, metrics: dict[str, fl
         f"# {pipeline.name}: LoRA adapter for `{lineage.base_model}`", "",
         f"- data: DVC md5 `{lineage.dataset_md5}` at git `{lineage.data_git_rev}`",
         f"- code: git `{lineage.code_git_rev}`; pipeline config hash `{lineage.config_hash}`",
-        f"- LoRA: r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, "
+        f"- LoRA ({pipeline.adapter.backend}): r={lora.r}, alpha={lora.lora_alpha}, "
+        f"dropout={lora.lora_dropout}, "
         f"targets {', '.join(lora.target_modules)}",
         f"- training: lr {train.learning_rate}, batch {train.per_device_train_batch_size} x "
         f"{train.gradient_accumulation_steps}, epochs {train.num_train_epochs}, "

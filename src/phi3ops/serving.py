@@ -34,8 +34,9 @@ class Phi3ChatModel(mlflow.pyfunc.PythonModel):
     """Loads base + adapter once; answers each conversation greedily."""
 
     def load_context(self, context):
-        from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from phi3ops import adapters
 
         config = context.model_config or {}
         adapter_dir = context.artifacts.get("adapter")  # absent for a merged model
@@ -46,7 +47,7 @@ class Phi3ChatModel(mlflow.pyfunc.PythonModel):
             base, revision=config.get("base_revision"), trust_remote_code=False,
             use_safetensors=True, dtype="auto",
         )
-        self.model = (PeftModel.from_pretrained(model, adapter_dir) if adapter_dir else model)
+        self.model = adapters.load(model, adapter_dir) if adapter_dir else model
         self.model.eval()
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
 

@@ -1,10 +1,11 @@
-"""LoRA fine-tuning with peft + trl's SFTTrainer, from the Cookbook's two dictionaries.
+"""LoRA fine-tuning with trl's SFTTrainer, from the Cookbook's two dictionaries.
 
-    phi3ops run training_config.max_steps=50      # stage 3 of the retrain flow
+    phi3ops train --pipeline pipelines/tiny-cpu.yaml [--nproc 2]   # runs this in child processes
 
-Reads like a recipe: build the LoRA config, the SFT config, the model and data; train with
-checkpoints every `save_steps` (resuming from the newest one in `out_dir`); save the adapter as
-safetensors beside the tokenizer.
+Reads like a recipe: load the base, attach the adapter (peft or loralib, `adapter.backend`), build
+the SFT config, train with checkpoints every `save_steps` (resuming from the newest complete one
+in `out_dir`), save the adapter as safetensors beside the tokenizer. Both backends share the data
+pipeline, optimizer and schedule, so they differ only in how the LoRA weights are held.
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from phi3ops.config import ModelConfig, PeftLoraConfig, TrainingConfig
+from phi3ops import adapters
+from phi3ops.checkpoints import MarkCompleteCallback, latest_complete
+from phi3ops.config import LaunchConfig, ModelConfig, PipelineConfig, TrainingConfig
+from phi3ops.errors import Phi3opsError
 from phi3ops.modeling import load_model, load_tokenizer, resolve_dtype
 from phi3ops.preprocess import load_processed
+from phi3ops.throughput import ThroughputCallback, matmul_flops_per_s, train_flops_per_token
 
 log = logging.getLogger(__name__)
 MetricsLogger = Callable[[dict[str, float], int], None]
+build_lora_config = adapters.build_lora_config
 
 
 @dataclass
@@ -39,16 +44,17 @@ class TrainResult:
     resumed_from: str | None
     trainable_params: int
     total_params: int
+    world_size: int = 1
+    history: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
-def build_lora_config(cfg: PeftLoraConfig) -> LoraConfig:
-    return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.bias,
-        task_type=cfg.task_type, target_modules=list(cfg.target_modules),
-    )
-
-
-def build_sft_config(cfg: TrainingConfig, dtype: torch.dtype, checkpoint_dir: Path) -> SFTConfig:
+def build_sft_config(cfg: TrainingConfig, dtype: torch.dtype, checkpoint_dir: Path,
+                     launch: LaunchConfig | None = None) -> SFTConfig:
+    launch = launch or LaunchConfig()
+    fsdp = launch.strategy == "fsdp"
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         learning_rate=cfg.learning_rate,
@@ -60,13 +66,22 @@ def build_sft_config(cfg: TrainingConfig, dtype: torch.dtype, checkpoint_dir: Pa
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        max_length=cfg.max_length,
+        # Padding-free without packing cannot truncate; preprocess already fitted every
+        # conversation to preprocess.max_length (<= this one, a config check makes sure).
+        max_length=None if cfg.padding_free and not cfg.packing else cfg.max_length,
         assistant_only_loss=cfg.assistant_only_loss,
+        packing=cfg.packing,
+        packing_strategy="bfd",  # best-fit decreasing: whole conversations, no cross-row splits
+        padding_free=cfg.padding_free,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        # FSDP checkpoints activations itself; the trainer's own switch would do it twice.
+        gradient_checkpointing=cfg.gradient_checkpointing and not fsdp,
+        **({"fsdp": True, "fsdp_config": fsdp_settings(cfg)} if fsdp else {}),
+        ddp_find_unused_parameters=False,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
@@ -78,8 +93,20 @@ def build_sft_config(cfg: TrainingConfig, dtype: torch.dtype, checkpoint_dir: Pa
     )
 
 
+def fsdp_settings(cfg: TrainingConfig) -> dict:
+    """FSDP2 sharding each decoder layer; frozen base and LoRA weights shard side by side."""
+    return {
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": ["Phi3DecoderLayer"],
+        "reshard_after_forward": True,
+        "activation_checkpointing": cfg.gradient_checkpointing,
+        "state_dict_type": "FULL_STATE_DICT",  # checkpoints stay loadable on one process
+    }
+
+
 class MetricsCallback(TrainerCallback):
-    """Forward the trainer's numeric logs (loss, learning rate, grad norm) to a logger callable."""
+    """Forward the trainer's numeric logs (loss, learning rate, grad norm, ...) to a logger."""
 
     def __init__(self, log_metrics: MetricsLogger):
         self.log_metrics = log_metrics
@@ -87,58 +114,123 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         numeric = {k: float(v) for k, v in (logs or {}).items()
                    if isinstance(v, int | float) and math.isfinite(v)}
-        if numeric:
+        if numeric and state.is_world_process_zero:
             self.log_metrics(numeric, state.global_step)
 
 
-def train(
-    model_cfg: ModelConfig, lora_cfg: PeftLoraConfig, train_cfg: TrainingConfig,
-    dataset_dir: Path, out_dir: Path, cache_dir: Path, log_metrics: MetricsLogger | None = None,
-) -> TrainResult:
-    """Train a LoRA adapter on the processed train split; returns where the adapter was saved."""
-    dtype = resolve_dtype(model_cfg.dtype)
-    tokenizer = load_tokenizer(model_cfg, cache_dir)
-    model = load_model(model_cfg, cache_dir, use_cache=train_cfg.use_cache)
-    dataset = load_processed(dataset_dir)["train"].select_columns(["messages"])
+class LoralibSFTTrainer(SFTTrainer):
+    """SFTTrainer whose checkpoints hold loralib's lora_state_dict, loaded with strict=False."""
 
-    checkpoint_dir = out_dir / "checkpoints"
-    resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    trainer = SFTTrainer(
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            out = Path(output_dir or self.args.output_dir)
+            adapters.save(self.accelerator.unwrap_model(self.model), out)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(str(out))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
+        adapters.load_loralib_weights(model or self.model,
+                                      Path(resume_from_checkpoint) / adapters.LORALIB_WEIGHTS)
+
+
+def check_runtime(cfg: PipelineConfig) -> None:
+    """Fail at once, with the fix, for settings this machine cannot run."""
+    if cfg.model.quantization is not None:
+        if not torch.cuda.is_available():
+            raise Phi3opsError(
+                f"pipeline '{cfg.name}': 4-bit QLoRA (model.quantization) needs a CUDA GPU and "
+                "bitsandbytes; this machine has no CUDA device. Use pipelines/phi3-mini-lora.yaml "
+                "on a GPU without quantisation, or pipelines/tiny-cpu.yaml on CPU.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise Phi3opsError("model.quantization needs bitsandbytes: pip install "
+                               "'bitsandbytes>=0.45'") from None
+    if cfg.launch.strategy == "fsdp" and not torch.cuda.is_available():
+        raise Phi3opsError(f"pipeline '{cfg.name}': launch.strategy fsdp is for GPUs; on CPU use "
+                           "launch.strategy: ddp (gloo)")
+
+
+def build_trainer(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
+                  callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
+    """Base model + adapter + data + SFT config, ready to train (tests set weights before)."""
+    check_runtime(cfg)
+    dtype = resolve_dtype(cfg.model.dtype)
+    tokenizer = load_tokenizer(cfg.model, cache_dir)
+    base = load_model(cfg.model, cache_dir, use_cache=cfg.training_config.use_cache,
+                      quantization=cfg.model.quantization)
+    set_seed(cfg.training_config.seed)  # the LoRA init too: a rerun starts from the same weights
+    model = adapters.attach(base, cfg.peft_config, cfg.adapter.backend)
+    dataset = load_processed(dataset_dir)["train"].select_columns(["messages"])
+    trainer_class = LoralibSFTTrainer if cfg.adapter.backend == "loralib" else SFTTrainer
+    trainer = trainer_class(
         model=model,
-        args=build_sft_config(train_cfg, dtype, checkpoint_dir),
+        args=build_sft_config(cfg.training_config, dtype, out_dir / "checkpoints", cfg.launch),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=build_lora_config(lora_cfg),
-        callbacks=[MetricsCallback(log_metrics)] if log_metrics else None,
+        callbacks=[MarkCompleteCallback(), *(callbacks or [])],
     )
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    log.info("training %d of %d parameters (%.2f%%)%s", trainable, total, 100 * trainable / total,
+    return trainer
+
+
+def mean_sequence_length(trainer: SFTTrainer) -> float:
+    data = trainer.train_dataset
+    column = "seq_lengths" if "seq_lengths" in data.column_names else "input_ids"
+    lengths = [n for row in data[column] for n in (row if column == "seq_lengths" else [len(row)])]
+    return sum(lengths) / max(len(lengths), 1)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def train(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
+          log_metrics: MetricsLogger | None = None) -> TrainResult:
+    """Train a LoRA adapter on the processed train split; returns where the adapter was saved."""
+    trainer = build_trainer(cfg, dataset_dir, out_dir, cache_dir)
+    model = trainer.model
+    peak = matmul_flops_per_s(resolve_dtype(cfg.model.dtype), trainer.args.device)
+    trainer.add_callback(ThroughputCallback(
+        train_flops_per_token(model, mean_sequence_length(trainer)), peak,
+        trainer.args.world_size))
+    if log_metrics:
+        trainer.add_callback(MetricsCallback(log_metrics))  # after throughput: sees its numbers
+
+    resume = latest_complete(out_dir / "checkpoints")  # verified before anything is unpickled
+    trainable, total = count_parameters(model)
+    log.info("training %d of %d parameters (%.2f%%) with %s%s", trainable, total,
+             100 * trainable / total, cfg.adapter.backend,
              f", resuming from {resume}" if resume else "")
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - started
 
     adapter_dir = out_dir / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(adapter_dir))
+    if trainer.args.should_save:
+        adapters.save(trainer.accelerator.unwrap_model(trainer.model), adapter_dir)
+        trainer.processing_class.save_pretrained(str(adapter_dir))
     return TrainResult(
         adapter_dir=str(adapter_dir), train_loss=float(output.training_loss),
         global_step=output.global_step, runtime_s=round(runtime, 2),
-        resumed_from=resume, trainable_params=trainable, total_params=total,
+        resumed_from=str(resume) if resume else None, trainable_params=trainable,
+        total_params=total, world_size=trainer.args.world_size,
+        history=[h for h in trainer.state.log_history if "loss" in h],
     )
+
+
+def load_adapter_model(model_cfg: ModelConfig, adapter_dir: Path, cache_dir: Path) -> nn.Module:
+    """Unquantised base weights plus a saved adapter (either backend), ready for generation."""
+    base = load_model(model_cfg, cache_dir, use_cache=True)
+    return adapters.load(base, Path(adapter_dir)).eval()
 
 
 def merge_adapter(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path,
                   cache_dir: Path) -> Path:
     """Fold the adapter into an unquantised copy of the base and save it (safetensors) with the
-    tokenizer: a plain transformers model for serving stacks that know no peft."""
-    merged = load_adapter_model(model_cfg, adapter_dir, cache_dir).merge_and_unload()
+    tokenizer: a plain transformers model for serving stacks that know no LoRA."""
+    adapted = load_adapter_model(model_cfg, adapter_dir, cache_dir)
+    merged: PreTrainedModel = adapters.merged(adapted)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     load_tokenizer(model_cfg, cache_dir).save_pretrained(str(out_dir))
     return out_dir
-
-
-def load_adapter_model(model_cfg: ModelConfig, adapter_dir: Path, cache_dir: Path) -> PeftModel:
-    """Base weights plus a saved adapter, ready for generation."""
-    base = load_model(model_cfg, cache_dir, use_cache=True)
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()

@@ -1,0 +1,165 @@
+"""The two LoRA backends behind one small interface: attach, save, load, disable, merge.
+
+peft: `get_peft_model` with the Cookbook's `peft_config`; saved as adapter_model.safetensors.
+loralib: the Cookbook's own recipe. qkv_proj becomes `lora.MergedLinear` with a LoRA pair for each
+of q, k and v; the other targets become `lora.Linear`; `mark_only_lora_as_trainable`; the
+checkpoint is `lora.lora_state_dict`, saved as safetensors; loading is the base, then the LoRA
+weights with strict=False. In eval mode loralib folds B @ A into the frozen weight.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import loralib as lora
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from phi3ops.config import PeftLoraConfig
+from phi3ops.errors import Phi3opsError
+
+LORALIB_WEIGHTS = "lora.safetensors"
+LORALIB_CONFIG = "loralib_config.json"
+PEFT_CONFIG = "adapter_config.json"
+FUSED_QKV = "qkv_proj"
+
+
+def build_lora_config(cfg: PeftLoraConfig) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.bias,
+        task_type=cfg.task_type, target_modules=list(cfg.target_modules),
+    )
+
+
+def attach(model: PreTrainedModel, cfg: PeftLoraConfig, backend: str) -> nn.Module:
+    """Wrap the targets of a frozen base with trainable LoRA weights (fp32, as peft keeps them)."""
+    if backend == "peft":
+        return get_peft_model(model, build_lora_config(cfg))
+    return attach_loralib(model, cfg, lora_dtype=torch.float32)
+
+
+def attach_loralib(model: PreTrainedModel, cfg: PeftLoraConfig,
+                   lora_dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Swap each target nn.Linear for its loralib twin around the same (frozen) weight."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in cfg.target_modules or not isinstance(module, nn.Linear):
+            continue
+        kwargs = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                  "bias": module.bias is not None}
+        with torch.device(module.weight.device):
+            if leaf == FUSED_QKV:
+                layer = lora.MergedLinear(module.in_features, module.out_features,
+                                          enable_lora=[True, True, True], **kwargs)
+            else:
+                layer = lora.Linear(module.in_features, module.out_features, **kwargs)
+        layer.to(dtype=lora_dtype or module.weight.dtype)
+        layer.weight = module.weight  # the base weight itself, frozen; no copy
+        if module.bias is not None:
+            layer.bias = module.bias
+        model.set_submodule(name, layer)
+        replaced += 1
+    if not replaced:
+        raise Phi3opsError(f"loralib: none of {list(cfg.target_modules)} is an nn.Linear in "
+                           f"{type(model).__name__}")
+    lora.mark_only_lora_as_trainable(model, bias=cfg.bias)
+    model.config.phi3ops_loralib = cfg.model_dump(mode="json")
+    return model
+
+
+def loralib_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in lora.lora_state_dict(model, bias=bias).items()}
+
+
+def save(model: nn.Module, out_dir: Path) -> None:
+    """Only the adapter: peft's files, or loralib's lora_state_dict plus its LoRA config."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        return
+    cfg = model.config.phi3ops_loralib
+    save_file(loralib_state_dict(model, cfg["bias"]), str(out_dir / LORALIB_WEIGHTS),
+              metadata={"format": "pt"})
+    (out_dir / LORALIB_CONFIG).write_text(json.dumps(cfg, indent=1))
+
+
+def load(base: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> nn.Module:
+    """Base first, then the adapter on top; the format is recognised from the files."""
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / PEFT_CONFIG).is_file():
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    if not (adapter_dir / LORALIB_CONFIG).is_file():
+        raise Phi3opsError(f"{adapter_dir}: neither a peft adapter ({PEFT_CONFIG}) nor a loralib "
+                           f"one ({LORALIB_CONFIG})")
+    cfg = PeftLoraConfig(**json.loads((adapter_dir / LORALIB_CONFIG).read_text()))
+    model = attach_loralib(base, cfg)
+    load_loralib_weights(model, adapter_dir / LORALIB_WEIGHTS)
+    return model
+
+
+def load_loralib_weights(model: nn.Module, path: Path) -> None:
+    """strict=False because the file holds only LoRA weights; every one of them must land."""
+    weights = load_file(str(path))
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    result = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
+    if result.unexpected_keys:
+        raise Phi3opsError(f"{path}: weights for layers this model does not have: "
+                           f"{result.unexpected_keys[:3]}")
+    missing_lora = [k for k in result.missing_keys if "lora_" in k]
+    if missing_lora:
+        raise Phi3opsError(f"{path}: LoRA weights missing for {missing_lora[:3]}")
+
+
+def _lora_layers(model: nn.Module) -> list[lora.LoRALayer]:
+    return [m for m in model.modules() if isinstance(m, lora.LoRALayer) and m.r > 0]
+
+
+def _delta(layer: lora.LoRALayer) -> torch.Tensor:
+    if isinstance(layer, lora.MergedLinear):
+        return layer.merge_AB() * layer.scaling
+    return (layer.lora_B @ layer.lora_A) * layer.scaling
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """The base model's outputs, with the adapter in place but switched off."""
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield
+        return
+    model.eval()  # loralib folds B @ A into the weights in eval mode: take it out again
+    layers = _lora_layers(model)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.data -= _delta(layer).to(layer.weight.dtype)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer in layers:
+                layer.weight.data += _delta(layer).to(layer.weight.dtype)
+
+
+def merged(model: nn.Module) -> PreTrainedModel:
+    """A plain transformers model with B @ A folded into the base weights."""
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    model.eval()  # merges
+    for name, module in list(model.named_modules()):
+        if isinstance(module, lora.LoRALayer) and isinstance(module, nn.Linear):
+            assert module.merged or module.r == 0
+            plain = nn.Linear(module.in_features, module.out_features,
+                              bias=module.bias is not None, device="meta")
+            plain.weight = nn.Parameter(module.weight.data, requires_grad=False)
+            if module.bias is not None:
+                plain.bias = nn.Parameter(module.bias.data, requires_grad=False)
+            model.set_submodule(name, plain)
+    if hasattr(model.config, "phi3ops_loralib"):
+        del model.config.phi3ops_loralib
+    return model

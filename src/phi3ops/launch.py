@@ -1,0 +1,124 @@
+"""Training in child processes: one rank, or several through torchrun; killed after a timeout.
+
+    phi3ops train --pipeline pipelines/tiny-cpu.yaml --nproc 2     # DDP, gloo on CPU
+
+A hung step cannot be interrupted from inside Python, so training never runs in the caller's
+process: the child gets a JSON job file, writes a JSON result (or a JSON error for mistakes a
+user can fix), and is killed with its whole process group when `launch.timeout_s` passes. Run
+again with the same `out_dir` and it resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from phi3ops.config import PipelineConfig
+from phi3ops.errors import Phi3opsError
+
+log = logging.getLogger(__name__)
+JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE = ("train-job.json", "train-result.json",
+                                               "train-error.json", "train.log")
+
+
+class TrainingTimeout(TimeoutError):
+    """Training ran past launch.timeout_s and was killed; retrying resumes from a checkpoint."""
+
+
+class TrainingCrashed(RuntimeError):
+    """The training process died (killed, out of memory, a bug); its log tail says how."""
+
+
+def command(job_path: Path, nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "phi3ops.launch", str(job_path)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "phi3ops.launch", str(job_path)]
+
+
+def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
+                 run_id: str | None = None, tracking_uri: str | None = None):
+    """Train in child process(es) and return their TrainResult; raise if they fail or hang."""
+    from phi3ops.train import TrainResult, check_runtime
+
+    check_runtime(cfg)  # no CUDA for QLoRA/FSDP: say so now, not from inside a child
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (RESULT_FILE, ERROR_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    job = {"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir),
+           "out_dir": str(out_dir), "cache_dir": str(cache_dir), "run_id": run_id}
+    (out_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
+    env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
+    with (out_dir / LOG_FILE).open("ab") as log_file:
+        child = subprocess.Popen(command(out_dir / JOB_FILE, cfg.launch.nproc), env=env,
+                                 stdout=log_file, stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # its own group: kill ranks together
+        try:
+            code = child.wait(timeout=cfg.launch.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise TrainingTimeout(
+                f"training ran past launch.timeout_s={cfg.launch.timeout_s}s and was killed; "
+                f"a retry resumes from the newest complete checkpoint in {out_dir}") from None
+        finally:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+    if (out_dir / ERROR_FILE).is_file():
+        raise Phi3opsError(json.loads((out_dir / ERROR_FILE).read_text())["message"])
+    if code != 0 or not (out_dir / RESULT_FILE).is_file():
+        tail = (out_dir / LOG_FILE).read_text(errors="replace")[-3000:]
+        raise TrainingCrashed(f"training exited with code {code}; log {out_dir / LOG_FILE} "
+                              f"ends with:\n{tail}")
+    return TrainResult(**json.loads((out_dir / RESULT_FILE).read_text()))
+
+
+def _metrics_logger(run_id: str | None):
+    """Log to the MLflow run; an MLflow hiccup costs a metric point, never the training."""
+    if run_id is None:
+        return None
+    from phi3ops import registry
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        try:
+            registry.log_metrics(run_id, metrics, step)
+        except Exception as e:  # noqa: BLE001 - metrics are best effort here
+            log.warning("could not log metrics at step %d: %s", step, e)
+
+    return log_metrics
+
+
+def main(job_path: str) -> int:
+    """Entry point of each rank: run the job, write the result (rank 0) or the user error."""
+    from phi3ops.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    job = json.loads(Path(job_path).read_text())
+    out_dir = Path(job["out_dir"])
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        cfg = PipelineConfig.model_validate(job["config"])
+        result = train(cfg, Path(job["dataset_dir"]), out_dir, Path(job["cache_dir"]),
+                       log_metrics=_metrics_logger(job.get("run_id")))
+    except Phi3opsError as e:
+        if rank0:
+            _write_atomic(out_dir / ERROR_FILE, {"type": type(e).__name__, "message": str(e)})
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rank0:
+        _write_atomic(out_dir / RESULT_FILE, result.to_json())
+    return 0
+
+
+def _write_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
