@@ -47,6 +47,20 @@ def tiny_models(tiny_config, tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def processed(tmp_path_factory, tiny_config, tiny_models) -> Path:
+    """The demo dataset, preprocessed for the tiny model: what the train stage reads."""
+    from phi3ops.demo_data import write_demo_dataset
+    from phi3ops.modeling import load_tokenizer
+    from phi3ops.preprocess import preprocess
+
+    tmp = tmp_path_factory.mktemp("data")
+    write_demo_dataset(tmp / "data")
+    tokenizer = load_tokenizer(tiny_config.model, tiny_models)
+    prep = preprocess(tmp / "data", "md5", tiny_config.preprocess, tokenizer, tmp / "processed")
+    return Path(prep.out_dir)
+
+
 @pytest.fixture
 def project(tmp_path, tiny_models) -> Path:
     """A fresh clone of the project: git repo with data.dvc committed, no data/, empty remote."""

@@ -10,25 +10,14 @@ from safetensors.torch import load_file
 
 from phi3ops import adapters
 from phi3ops.config import load_config
-from phi3ops.demo_data import write_demo_dataset
 from phi3ops.evaluation import generate_replies
 from phi3ops.modeling import load_tokenizer
-from phi3ops.preprocess import preprocess
 from phi3ops.throughput import loss_curve
 from phi3ops.train import build_trainer, load_adapter_model, merge_adapter, train
 from tests.conftest import REPO
 
 STEPS = ["training_config.max_steps=40", "training_config.logging_steps=5",
          "training_config.save_steps=20"]
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory, tiny_models):
-    tmp = tmp_path_factory.mktemp("data")
-    cfg = load_config(REPO / "pipelines" / "tiny-cpu.yaml")
-    write_demo_dataset(tmp / "data")
-    tokenizer = load_tokenizer(cfg.model, tiny_models)
-    return Path(preprocess(tmp / "data", "md5", cfg.preprocess, tokenizer, tmp / "p").out_dir)
 
 
 def run_training(tmp_path_factory, tiny_models, processed, overrides):

@@ -13,24 +13,12 @@ from safetensors.torch import load_file
 
 from phi3ops.checkpoints import MARKER, CheckpointError, latest_complete
 from phi3ops.config import load_config
-from phi3ops.demo_data import write_demo_dataset
 from phi3ops.launch import JOB_FILE, TrainingTimeout, command, run_training
-from phi3ops.modeling import load_tokenizer
-from phi3ops.preprocess import preprocess
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 RESUMABLE = ["training_config.max_steps=30", "training_config.save_steps=10",
              "training_config.logging_steps=5", "training_config.learning_rate=1e-3"]
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory, tiny_models):
-    tmp = tmp_path_factory.mktemp("data")
-    cfg = load_config(REPO / "pipelines" / "tiny-cpu.yaml")
-    write_demo_dataset(tmp / "data")
-    tokenizer = load_tokenizer(cfg.model, tiny_models)
-    return Path(preprocess(tmp / "data", "md5", cfg.preprocess, tokenizer, tmp / "p").out_dir)
 
 
 def config(*overrides):
