@@ -4,29 +4,48 @@
 
 Thin Prefect wiring around plain phi3ops functions. Retries only on network-bound stages (DVC
 remote, MLflow); never on validation or training. One MLflow run per flow run; a failure marks
-the run FAILED and never reaches promotion, so `@champion` stays where it was.
+the run FAILED and never reaches promotion, so `@champion` stays where it was. Registration and
+promotion run in one Prefect transaction: a failure after the alias move rolls the aliases back.
+One retrain per registered model at a time (a file lock under .cache/locks). Preprocessing is a
+cached task; what Prefect persists is JSON, under .cache/prefect-results.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.transactions import Transaction, transaction
 
-from phi3ops import data, drift, evaluation, preprocess, promotion, registry, train
+from phi3ops import (
+    data,
+    drift,
+    evaluation,
+    launch,
+    locking,
+    preprocess,
+    promotion,
+    registry,
+    train,
+)
 from phi3ops.config import (
     DataConfig,
     MlflowConfig,
+    PipelineConfig,
     ProjectPaths,
     load_config,
     load_mlflow_config,
+    sha256_json,
 )
 from phi3ops.errors import Phi3opsError
 from phi3ops.modeling import load_tokenizer, resolve_model_path
+from phi3ops.throughput import loss_curve
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -34,17 +53,51 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), Phi3opsError)
 
 
+def preprocess_key(context, parameters: dict) -> str:
+    """Prefect's cache key of `preprocess`: data md5, preprocess config, tokenizer and code (the
+    key of its output directory), and where that directory lives."""
+    key = preprocess.cache_key(parameters["data_md5"], parameters["cfg"], parameters["tokenizer"])
+    return f"preprocess-{key}-{sha256_json(str(parameters['out_root']))[:8]}"
+
+
+RESULTS = Path(__file__).resolve().parents[1] / ".cache" / "prefect-results"
+# Results are persisted only where they are reused (preprocess) or read back (the flow's
+# summary), always as JSON; the other tasks return live objects (model versions) not worth keeping.
 NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE,
-           "retry_condition_fn": retry_unless_user_error}
-LOCAL = {"cache_policy": NO_CACHE}  # preprocess caches itself on (data md5, config, tokenizer)
+           "persist_result": False, "retry_condition_fn": retry_unless_user_error}
+LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
+# Inside the transaction a task's failed attempt rolls the whole transaction back at once, even
+# when a retry then succeeds; so no task retries there: register retries each MLflow call itself.
+IN_TRANSACTION = LOCAL
 
 version_data = task(data.checkout_version, name="version_data", **NETWORK)
-preprocess_data = task(preprocess.preprocess, name="preprocess", **LOCAL)
-train_adapter = task(train.train, name="train", **LOCAL)
+preprocess_data = task(preprocess.preprocess, name="preprocess", cache_key_fn=preprocess_key,
+                       persist_result=True, result_serializer="json", result_storage=RESULTS)
+# A timeout or crash of the training process is retried once; the retry resumes from the newest
+# complete checkpoint in the same run directory. A user error (bad config, tampered checkpoint)
+# is not retried.
+train_adapter = task(launch.run_training, name="train", retries=1, retry_delay_seconds=1,
+                     retry_condition_fn=retry_unless_user_error, **LOCAL)
 evaluate_adapter = task(evaluation.evaluate_adapter, name="evaluate", **LOCAL)
 merge = task(train.merge_adapter, name="merge", **LOCAL)
-register_adapter = task(registry.register_adapter, name="register", **NETWORK)
-promote = task(promotion.promote, name="promote", **NETWORK)
+register_adapter = task(registry.register_adapter, name="register", **IN_TRANSACTION)
+promote = task(promotion.promote, name="promote", **IN_TRANSACTION)
+record_decision = task(promotion.record, name="record", **IN_TRANSACTION)
+
+
+@register_adapter.on_rollback
+def undo_register(txn: Transaction) -> None:
+    """Rollback: `@challenger` back where it was. The version stays: a rerun finds it by key."""
+    registry.with_retries("put @challenger back", lambda: promotion.undo_challenger(
+        txn.get("mlflow"), txn.get("aliases_before"), txn.get("version")))
+
+
+@promote.on_rollback
+def undo_promote(txn: Transaction) -> None:
+    """Rollback: `@champion` and `@previous-champion` back where they were."""
+    reason = f"run {txn.get('run_id')} failed after promoting it; rolled back"
+    registry.with_retries("put @champion back", lambda: promotion.undo_promotion(
+        txn.get("mlflow"), txn.get("aliases_before"), txn.get("version"), reason))
 
 
 def nothing_changed(mcfg: MlflowConfig, run_id: str, name: str, champion: str,
@@ -74,20 +127,44 @@ def publish_drift(mcfg: MlflowConfig, run_id: str, root: Path, data_cfg: DataCon
         registry.log_text(run_id, diff.markdown(), "data/drift.md")
 
 
-@flow(name="retrain")
+def aliases_note(mcfg: MlflowConfig, before: dict[str, str | None] | None) -> str:
+    """For the failure report: are the aliases where they were before the run?"""
+    if before is None:
+        return " No alias moved."
+    try:
+        now = promotion.alias_snapshot(mcfg)
+    except Exception as e:  # the report must not hide the failure it reports
+        return f" Could not read the aliases back ({type(e).__name__}); check them."
+    if now == before:
+        return " Registration and promotion were rolled back: the aliases are where they were."
+    return (f" The aliases moved during the run: now {now}, before {before}; check them "
+            "(`phi3ops promote --rollback`).")
+
+
+@flow(name="retrain", persist_result=True, result_serializer="json", result_storage=RESULTS)
 def retrain(
     pipeline: str = "pipelines/tiny-cpu.yaml", overrides: list[str] | None = None,
     root: str = ".", mlflow_config: str = "mlflow.yaml", data_rev: str | None = None,
-    force: bool = False,
+    force: bool = False, lock_timeout_s: float | None = None,
 ) -> dict:
-    logger = get_run_logger()
+    """One retrain per registered model at a time: a second run waits for the lock (up to
+    `lock_timeout_s` seconds, None: as long as it takes), then sees what the first one did."""
     paths = ProjectPaths(root)
     cfg = load_config(paths.pipeline(pipeline), overrides)
     mcfg = load_mlflow_config(paths.pipeline(mlflow_config)).resolved(paths.root)
+    lock = locking.lock_path(paths.root, f"retrain-{mcfg.registered_model}")
+    with locking.exclusive(lock, f"flow run {flow_run.name} {flow_run.id}", lock_timeout_s,
+                           on_wait=get_run_logger().warning):
+        return run_stages(paths, cfg, mcfg, data_rev, force)
+
+
+def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
+               data_rev: str | None, force: bool) -> dict:
+    logger = get_run_logger()
     model_path = resolve_model_path(cfg.model, paths.models)  # fails fast if weights are missing
 
     run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
-    stage = "version_data"
+    stage, before = "version_data", None
     try:
         dataset = version_data(paths.root, cfg.data, data_rev)
         registry.log_tags(run_id, {"phi3ops.dataset_md5": dataset.md5,
@@ -101,14 +178,20 @@ def retrain(
         publish_drift(mcfg, run_id, paths.root, cfg.data, dataset)
         stage = "preprocess"
         tokenizer = load_tokenizer(cfg.model, paths.models)
-        prep = preprocess_data(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
-                               paths.processed)
+        out_dir = paths.processed / preprocess.cache_key(dataset.md5, cfg.preprocess, tokenizer)
+        # Output deleted since it was cached: run again and overwrite the cache record.
+        state = preprocess_data.with_options(refresh_cache=not preprocess.is_complete(out_dir))(
+            Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer, paths.processed,
+            return_state=True)
+        prep = state.result()
+        if state.name == "Cached":
+            prep = replace(prep, cached=True)
         logger.info("preprocess: %s", prep.summary())
         registry.log_preprocess(run_id, prep)
         stage = "train"
-        trained = train_adapter(cfg.model, cfg.peft_config, cfg.training_config,
-                                Path(prep.out_dir), paths.runs / run_id, paths.models,
-                                log_metrics=lambda m, step: registry.log_metrics(run_id, m, step))
+        trained = train_adapter(cfg, Path(prep.out_dir), paths.runs / run_id, paths.models,
+                                run_id=run_id, tracking_uri=mcfg.tracking_uri)
+        registry.log_figure(run_id, loss_curve(trained.history), "train/loss_curve.png")
         stage = "evaluate"
         champion = registry.load_champion(mcfg)
         scores = evaluate_adapter(cfg.model, cfg.evaluation, Path(prep.out_dir),
@@ -127,23 +210,31 @@ def retrain(
         )
         base_dir = Path(model_path) if Path(model_path).is_dir() else None
         card = registry.model_card(cfg, lineage, metrics)
-        version = register_adapter(mcfg, run_id, Path(trained.adapter_dir), base_dir, lineage,
-                                   metrics, cfg.evaluation.max_new_tokens,
-                                   evaluated_against=champion[0] if champion else None,
-                                   card=card)
-        if cfg.registration.merged:
-            merged_dir = merge(cfg.model, Path(trained.adapter_dir),
-                               paths.runs / run_id / "merged", paths.models)
-            register_adapter(mcfg, run_id, None, merged_dir, lineage, metrics,
-                             cfg.evaluation.max_new_tokens, card=card, artifact_type="merged")
-        stage = "promote"
-        decision = promote(mcfg, version.version)
+        before = promotion.alias_snapshot(mcfg)
+        with transaction() as txn:  # all of it commits, or the rollback hooks undo the aliases
+            txn.set("mlflow", mcfg)
+            txn.set("aliases_before", before)
+            txn.set("run_id", run_id)
+            version = register_adapter(mcfg, run_id, Path(trained.adapter_dir), base_dir,
+                                       lineage, metrics, cfg.evaluation.max_new_tokens,
+                                       evaluated_against=champion[0] if champion else None,
+                                       card=card)
+            txn.set("version", version.version)
+            if cfg.registration.merged:
+                merged_dir = merge(cfg.model, Path(trained.adapter_dir),
+                                   paths.runs / run_id / "merged", paths.models)
+                register_adapter(mcfg, run_id, None, merged_dir, lineage, metrics,
+                                 cfg.evaluation.max_new_tokens, card=card,
+                                 artifact_type="merged")
+            stage = "promote"
+            decision = promote(mcfg, version.version)
+            stage = "record"
+            record_decision(mcfg, run_id, decision)
     except BaseException as e:
         registry.end_run(run_id, failed=True)
         create_markdown_artifact(key="retrain-failure", markdown=(
             f"# retrain {cfg.name} failed in `{stage}`\n\n```\n{type(e).__name__}: {e}\n```\n\n"
-            f"MLflow run `{run_id}` is marked FAILED."
-            + ("" if stage == "promote" else " No alias moved.") + "\n"))
+            f"MLflow run `{run_id}` is marked FAILED." + aliases_note(mcfg, before) + "\n"))
         raise
     registry.end_run(run_id)
 
@@ -184,17 +275,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-rev", help="train on the dataset of this git rev or tag")
     parser.add_argument("--force", action="store_true",
                         help="train even when data, config and code are the champion's")
+    parser.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                        help="while another retrain of the same model runs, wait at most this "
+                             "long (0: fail at once); default: wait until it ends")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
     paths = ProjectPaths(args.root)
     try:  # fail before Prefect starts, with the fix in the message rather than a traceback
-        resolve_model_path(load_config(paths.pipeline(args.pipeline), args.overrides).model,
-                           paths.models)
+        cfg = load_config(paths.pipeline(args.pipeline), args.overrides)
+        train.check_runtime(cfg)
+        resolve_model_path(cfg.model, paths.models)
     except Phi3opsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root,
-                   data_rev=args.data_rev, force=args.force)
+                   data_rev=args.data_rev, force=args.force, lock_timeout_s=args.lock_timeout)
 
 
 if __name__ == "__main__":

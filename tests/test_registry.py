@@ -11,7 +11,16 @@ from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import RegistryError
-from phi3ops.promotion import decide, promote, rollback
+from phi3ops.promotion import (
+    PromotionDecision,
+    alias_snapshot,
+    decide,
+    promote,
+    record,
+    rollback,
+    undo_challenger,
+    undo_promotion,
+)
 from phi3ops.registry import alias_version, connect
 from tests.conftest import REPO
 
@@ -171,3 +180,58 @@ def test_duplicates_of_a_registration_key_are_removed(mlflow_cfg):
     remaining = client.search_model_versions(f"name='{mlflow_cfg.registered_model}'")
     assert [v.version for v in remaining] == [first]
     assert find_version(mlflow_cfg, mlflow_cfg.registered_model, "k2") is None
+
+
+def test_undo_puts_the_aliases_back_unless_someone_moved_them_since(mlflow_cfg):
+    client, name = MlflowClient(), mlflow_cfg.registered_model
+    v1 = register(mlflow_cfg, tuned_rougeL=0.5, base_rougeL=0.2)
+    client.set_registered_model_alias(name, "challenger", v1)
+    assert promote(mlflow_cfg, v1).promoted
+    before = alias_snapshot(mlflow_cfg)
+    assert before == {"champion": v1, "previous-champion": None, "challenger": v1}
+    v2 = register(mlflow_cfg, tuned_rougeL=0.9, base_rougeL=0.2)
+    client.set_registered_model_alias(name, "challenger", v2)
+    assert promote(mlflow_cfg, v2).promoted
+    assert alias_version(mlflow_cfg, "previous-champion").version == v1
+
+    assert undo_promotion(mlflow_cfg, before, v2, "run r failed after promoting it")
+    assert undo_challenger(mlflow_cfg, before, v2)
+    assert alias_snapshot(mlflow_cfg) == before
+    tags = client.get_model_version(name, v2).tags
+    assert tags["promotion.decision"] == "rolled-back"
+    assert tags["promotion.reason"] == "run r failed after promoting it"
+    assert not undo_promotion(mlflow_cfg, before, v2, "again"), "nothing left to undo"
+
+    # A champion moved by someone else since is theirs: an undo leaves it.
+    v3 = register(mlflow_cfg, tuned_rougeL=0.95, base_rougeL=0.2)
+    assert promote(mlflow_cfg, v3).promoted
+    assert not undo_promotion(mlflow_cfg, before, v2, "late")
+    assert alias_version(mlflow_cfg, "champion").version == v3
+
+
+def test_record_checks_the_registry_agrees_then_tags_the_run(mlflow_cfg):
+    v1 = register(mlflow_cfg, tuned_rougeL=0.5, base_rougeL=0.2)
+    decision = promote(mlflow_cfg, v1)
+    run_id = MlflowClient().create_run(connect(mlflow_cfg)).info.run_id
+    record(mlflow_cfg, run_id, decision)
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags["phi3ops.version"] == v1 and tags["phi3ops.promotion"] == "promoted"
+    assert tags["phi3ops.promotion_reason"] == decision.reason
+    v2 = register(mlflow_cfg, tuned_rougeL=0.9, base_rougeL=0.2)
+    with pytest.raises(RegistryError, match=f"v{v2} was promoted but @champion names v{v1}"):
+        record(mlflow_cfg, run_id, PromotionDecision(v2, True, "said so", v1))
+
+
+def test_record_and_undo_on_a_sql_store_whose_versions_are_ints(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_mlflow_config(REPO / "mlflow.yaml", [uri]).resolved(tmp_path)
+    connect(cfg)  # before register() builds its client
+    v1 = register(cfg, tuned_rougeL=0.5, base_rougeL=0.2)
+    before = alias_snapshot(cfg)
+    decision = promote(cfg, v1)
+    run_id = MlflowClient().create_run(connect(cfg)).info.run_id
+    record(cfg, run_id, decision)
+    assert MlflowClient().get_run(run_id).data.tags["phi3ops.version"] == str(v1)
+    assert alias_snapshot(cfg)["champion"] == str(v1)
+    assert undo_promotion(cfg, before, v1, "undone") and alias_snapshot(cfg) == before

@@ -22,3 +22,7 @@ class ModelNotAvailableError(Phi3opsError, RuntimeError):
 
 class RegistryError(Phi3opsError, RuntimeError):
     """A registered model or alias cannot be found or loaded."""
+
+
+class BusyError(Phi3opsError, RuntimeError):
+    """Another run holds the lock this one needs (another retrain of the same model)."""

@@ -5,7 +5,8 @@
 Every input line is either accepted or written to quarantine.jsonl (see validation.py). Accepted
 conversations longer than `max_length` tokens are cut at a turn boundary or dropped, and counted.
 Output is a `datasets.DatasetDict` (train/test) with stats and a token-length histogram, saved
-under a directory named by (dataset md5, preprocess config, tokenizer hash): a rerun reuses it.
+under a directory named by (dataset md5, preprocess config, tokenizer hash, code hash): a rerun
+reuses it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
+from phi3ops import validation
 from phi3ops.config import PreprocessConfig, sha256_json
 from phi3ops.validation import jsonl_files, validate_files
 
@@ -84,6 +86,21 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return sha256_json([spec, tokenizer.chat_template])[:12]
 
 
+def code_hash() -> str:
+    """Hash of the code that decides the output: a changed rule is a new key, not a stale hit."""
+    sources = [Path(__file__), Path(validation.__file__)]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:12]
+
+
+def cache_key(data_md5: str, cfg: PreprocessConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Same data, config, tokenizer and code: the same processed dataset."""
+    return sha256_json([data_md5, cfg.model_dump(), tokenizer_hash(tokenizer), code_hash()])[:16]
+
+
+def is_complete(out_dir: Path) -> bool:
+    return (out_dir / DONE_MARKER).is_file()
+
+
 def count_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     return text, len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -131,9 +148,9 @@ def preprocess(
     data_dir: Path, data_md5: str, cfg: PreprocessConfig, tokenizer: PreTrainedTokenizerBase,
     out_root: Path,
 ) -> PreprocessResult:
-    key = sha256_json([data_md5, cfg.model_dump(), tokenizer_hash(tokenizer)])[:16]
+    key = cache_key(data_md5, cfg, tokenizer)
     out_dir = out_root / key
-    if (out_dir / DONE_MARKER).is_file():
+    if is_complete(out_dir):
         stats = json.loads((out_dir / DONE_MARKER).read_text())
         return PreprocessResult(**{**stats, "out_dir": str(out_dir), "cached": True})
 

@@ -7,7 +7,9 @@ Every decision and its reason is written to the version's tags (`promotion.decis
 `promotion.reason`). NaN or missing metrics never promote. MLflow has no compare-and-set on
 aliases, so concurrent promotions settle: each promoter, after writing, re-reads the versions
 that competed against the same champion and keeps `@champion` on the best of them, so the
-better version wins, not the last writer.
+better version wins, not the last writer. When a retrain fails after its promotion, the flow's
+rollback puts the aliases back to a snapshot taken before it registered (`undo_promotion`,
+`undo_challenger`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from phi3ops.config import MlflowConfig, PromotionPolicy
 from phi3ops.errors import RegistryError
-from phi3ops.registry import alias_version, connect
+from phi3ops.registry import alias_version, connect, log_tags, with_retries
 
 log = logging.getLogger(__name__)
 PREVIOUS = "previous-champion"
@@ -142,6 +144,14 @@ def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
                              champion.version if champion is not None else None)
 
 
+def _point(client: MlflowClient, cfg: MlflowConfig, alias: str, version: str | None) -> None:
+    """Set `alias` to `version`, or remove it when `version` is None."""
+    if version is not None:
+        client.set_registered_model_alias(cfg.registered_model, alias, version)
+    elif alias_version(cfg, alias) is not None:
+        client.delete_registered_model_alias(cfg.registered_model, alias)
+
+
 def rollback(cfg: MlflowConfig) -> PromotionDecision:
     """`@champion` back to `@previous-champion`; the demoted version is tagged rolled-back."""
     connect(cfg)
@@ -150,8 +160,64 @@ def rollback(cfg: MlflowConfig) -> PromotionDecision:
     if champion is None or previous is None:
         raise RegistryError(f"nothing to roll back to: @{cfg.champion_alias} or @{PREVIOUS} "
                             f"is not set on {cfg.registered_model}")
-    client.set_registered_model_alias(cfg.registered_model, cfg.champion_alias, previous.version)
-    client.delete_registered_model_alias(cfg.registered_model, PREVIOUS)
+    _point(client, cfg, cfg.champion_alias, previous.version)
+    _point(client, cfg, PREVIOUS, None)
     reason = f"rolled back to v{previous.version} by hand"
     _tag(client, cfg, champion.version, decision="rolled-back", reason=reason)
     return PromotionDecision(previous.version, True, reason, champion.version)
+
+
+def record(cfg: MlflowConfig, run_id: str, decision: PromotionDecision) -> None:
+    """Check the registry agrees with the decision (a promoted version is `@champion` now), then
+    write the version and decision on the run, where the runs table shows them."""
+    connect(cfg)
+    champion = alias_version(cfg, cfg.champion_alias)
+    if decision.promoted and (champion is None or str(champion.version) != str(decision.version)):
+        raise RegistryError(
+            f"v{decision.version} was promoted but @{cfg.champion_alias} names "
+            + (f"v{champion.version}" if champion is not None else "no version"))
+    tags = {"phi3ops.version": str(decision.version),
+            "phi3ops.promotion": "promoted" if decision.promoted else "not promoted",
+            "phi3ops.promotion_reason": decision.reason}
+    with_retries("tag the run with the decision", lambda: log_tags(run_id, tags))
+
+
+def alias_snapshot(cfg: MlflowConfig) -> dict[str, str | None]:
+    """Where `@champion`, `@previous-champion` and `@challenger` point now, to undo a run.
+    Versions as strings: a SQL store gives ints, a tracking server strings."""
+    connect(cfg)
+    return {alias: str(mv.version) if (mv := alias_version(cfg, alias)) is not None else None
+            for alias in (cfg.champion_alias, PREVIOUS, cfg.challenger_alias)}
+
+
+def undo_promotion(cfg: MlflowConfig, before: dict[str, str | None], version: str,
+                   reason: str) -> bool:
+    """Put `@champion` and `@previous-champion` back where `before` had them, if `@champion`
+    still names `version` (a move by anyone else since is left alone); tag `version`
+    rolled-back. True when something was undone."""
+    connect(cfg)
+    version = str(version)
+    if before[cfg.champion_alias] == version:
+        return False  # it was champion already: this run moved nothing
+    current = alias_version(cfg, cfg.champion_alias)
+    if current is None or str(current.version) != version:
+        return False
+    client = MlflowClient()
+    _point(client, cfg, cfg.champion_alias, before[cfg.champion_alias])
+    _point(client, cfg, PREVIOUS, before[PREVIOUS])
+    _tag(client, cfg, version, decision="rolled-back", reason=reason)
+    log.warning("@%s back to %s from v%s: %s", cfg.champion_alias,
+                f"v{before[cfg.champion_alias]}" if before[cfg.champion_alias] else "no version",
+                version, reason)
+    return True
+
+
+def undo_challenger(cfg: MlflowConfig, before: dict[str, str | None], version: str) -> bool:
+    """Put `@challenger` back where `before` had it, if it still names `version`."""
+    connect(cfg)
+    version, current = str(version), alias_version(cfg, cfg.challenger_alias)
+    if before[cfg.challenger_alias] == version or current is None or str(
+            current.version) != version:
+        return False
+    _point(MlflowClient(), cfg, cfg.challenger_alias, before[cfg.challenger_alias])
+    return True

@@ -28,6 +28,7 @@ from phi3ops.preprocess import PreprocessResult
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
 
 log = logging.getLogger(__name__)
+SIGNATURE = infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."])  # messages in
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "loralib", "accelerate", "safetensors",
                     "tokenizers", "mlflow", "pandas")
 
@@ -101,6 +102,14 @@ def log_preprocess(run_id: str, prep: PreprocessResult) -> None:
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
     MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def log_figure(run_id: str, figure, artifact_file: str) -> None:
+    """A matplotlib figure as an image artifact; closed afterwards so figures do not pile up."""
+    from matplotlib import pyplot as plt
+
+    MlflowClient().log_figure(run_id, figure, artifact_file)
+    plt.close(figure)
 
 
 def log_samples(run_id: str, samples: list[dict], artifact_file: str) -> None:
@@ -191,13 +200,15 @@ def register_adapter(
             log.info("%s v%s already holds this data, config and code", name, existing.version)
             return existing
         with mlflow.start_run(run_id=run_id):
+            # A signature, no input example: MLflow would check the example by loading the whole
+            # model and generating, which for Phi-3-mini means minutes and its full weights in
+            # memory once more. Loading and serving the registered model is tested end to end.
             info = mlflow.pyfunc.log_model(
                 name=artifact_type,
                 python_model=MODEL_CODE,
                 artifacts=model_artifacts(adapter_dir, base_dir),
                 model_config={"base_model": lineage.base_model, "max_new_tokens": max_new_tokens},
-                signature=infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."]),
-                input_example=INPUT_EXAMPLE,
+                signature=SIGNATURE,
                 pip_requirements=[f"{p}=={installed_version(p)}" for p in RUNTIME_PACKAGES],
             )
         # Lineage, key and metrics are set with the version itself, so none is ever missing.

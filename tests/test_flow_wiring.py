@@ -1,0 +1,53 @@
+"""How the retrain flow is wired into Prefect: what it persists is JSON, and preprocessing is a
+cached task keyed on what decides its output."""
+
+import importlib.util
+
+import pytest
+from prefect import Task
+
+from phi3ops.config import PreprocessConfig
+from phi3ops.modeling import load_tokenizer
+from phi3ops.preprocess import cache_key
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def flow_module():
+    spec = importlib.util.spec_from_file_location("retrain_wiring", REPO / "flows" / "retrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_whatever_prefect_persists_is_json_under_the_project(flow_module):
+    tasks = {t.name: t for t in vars(flow_module).values() if isinstance(t, Task)}
+    assert {"version_data", "preprocess", "train", "evaluate", "register", "promote",
+            "record"} <= set(tasks)
+    for name, t in tasks.items():
+        assert t.persist_result is False or t.result_serializer == "json", name
+    retrain = flow_module.retrain
+    assert retrain.persist_result and retrain.result_serializer == "json"
+    assert tasks["preprocess"].persist_result and tasks["preprocess"].cache_key_fn is not None
+    assert flow_module.RESULTS == REPO / ".cache" / "prefect-results"
+    assert retrain.result_storage == tasks["preprocess"].result_storage == flow_module.RESULTS
+
+
+def test_no_task_retries_inside_the_transaction(flow_module):
+    """A failed attempt rolls back the enclosing transaction even if its retry then succeeds."""
+    tasks = {t.name: t for t in vars(flow_module).values() if isinstance(t, Task)}
+    assert [tasks[name].retries for name in ("register", "promote", "record")] == [0, 0, 0]
+
+
+def test_the_preprocess_cache_key_follows_data_config_tokenizer_and_place(
+        flow_module, tiny_config, tiny_models, tmp_path):
+    tokenizer = load_tokenizer(tiny_config.model, tiny_models)
+    params = {"data_dir": tmp_path / "a", "data_md5": "m1", "cfg": PreprocessConfig(),
+              "tokenizer": tokenizer, "out_root": tmp_path / "processed"}
+    key = flow_module.preprocess_key(None, params)
+    assert cache_key("m1", PreprocessConfig(), tokenizer) in key
+    assert flow_module.preprocess_key(None, {**params, "data_dir": tmp_path / "b"}) == key, (
+        "where the data was checked out does not matter, its md5 does")
+    for change in ({"data_md5": "m2"}, {"cfg": PreprocessConfig(max_length=128)},
+                   {"out_root": tmp_path / "elsewhere"}):
+        assert flow_module.preprocess_key(None, {**params, **change}) != key, change
