@@ -15,9 +15,11 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from phi3ops import locking, promotion
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import BusyError, RegistryError
-from tests.test_flow_retrain import MODEL, load_flow
+from tests.conftest import git
+from tests.test_flow_retrain import load_flow
 
 pytestmark = pytest.mark.slow
+MODEL = "phi3ops-faults"  # its own model and experiment on the session's MLflow server
 WEAK = ["training_config.max_steps=20"]  # a first champion that the full default run beats
 
 
@@ -38,6 +40,11 @@ def task_states(flow_run_id) -> dict[str, str]:
 def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow_server,
                                                                  prefect_harness, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    settings = project / "mlflow.yaml"
+    settings.write_text(settings.read_text().replace("registered_model: phi3ops-chat",
+                                                     f"registered_model: {MODEL}")
+                        .replace("experiment: phi3ops", f"experiment: {MODEL}"))
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "own model")
     flow = load_flow(project)
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     lock = locking.lock_path(project, f"retrain-{MODEL}")

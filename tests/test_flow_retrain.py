@@ -85,7 +85,11 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert run.info.status == "FINISHED"
     assert run.data.metrics["data_n_rejected"] == 3
     assert len(client.get_metric_history(run.info.run_id, "loss")) > 5
+    for metric in ("learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_rss_mb"):
+        assert client.get_metric_history(run.info.run_id, metric), metric  # from the child
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "train")] == [
+        "train/loss_curve.png"]
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "data")) == [
         "data/quarantine.jsonl", "data/stats.json", "data/token_lengths.png"]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "eval")] == [
