@@ -151,8 +151,8 @@ def check_runtime(cfg: PipelineConfig) -> None:
                            "launch.strategy: ddp (gloo)")
 
 
-def build_trainer(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
-                  callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
+def build_trainer(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path,
+                  cache_dir: Path) -> SFTTrainer:
     """Base model + adapter + data + SFT config, ready to train (tests set weights before)."""
     check_runtime(cfg)
     dtype = resolve_dtype(cfg.model.dtype)
@@ -168,15 +168,18 @@ def build_trainer(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_d
         args=build_sft_config(cfg.training_config, dtype, out_dir / "checkpoints", cfg.launch),
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[MarkCompleteCallback(), *(callbacks or [])],
+        callbacks=[MarkCompleteCallback()],
     )
     return trainer
 
 
 def mean_sequence_length(trainer: SFTTrainer) -> float:
+    """Mean conversation length in tokens (packed rows list theirs in `seq_lengths`)."""
     data = trainer.train_dataset
-    column = "seq_lengths" if "seq_lengths" in data.column_names else "input_ids"
-    lengths = [n for row in data[column] for n in (row if column == "seq_lengths" else [len(row)])]
+    if "seq_lengths" in data.column_names:
+        lengths = [n for row in data["seq_lengths"] for n in row]
+    else:
+        lengths = [len(ids) for ids in data["input_ids"]]
     return sum(lengths) / max(len(lengths), 1)
 
 
