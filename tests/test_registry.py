@@ -3,11 +3,13 @@
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+from mlflow.exceptions import MlflowException
 
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import RegistryError
@@ -16,6 +18,7 @@ from phi3ops.promotion import (
     alias_snapshot,
     decide,
     promote,
+    promotion_lock,
     record,
     rollback,
     undo_challenger,
@@ -144,6 +147,13 @@ print(promote(cfg, sys.argv[4]).promoted)
 """
 
 
+def start_promotion(cfg, server: str, tmp_path, version: str) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    return subprocess.Popen([sys.executable, "-c", PROMOTE_IN_A_PROCESS, str(REPO / "mlflow.yaml"),
+                             cfg.registered_model, str(tmp_path), version],
+                            env=env, stdout=subprocess.PIPE, text=True)
+
+
 @pytest.mark.parametrize("attempt", range(3))
 def test_concurrent_promotions_leave_the_better_version(mlflow_cfg, mlflow_server, tmp_path,
                                                         attempt):
@@ -151,23 +161,49 @@ def test_concurrent_promotions_leave_the_better_version(mlflow_cfg, mlflow_serve
     promote(mlflow_cfg, v1)
     better = register(mlflow_cfg, tuned_rougeL=0.9, base_rougeL=0.2)
     worse = register(mlflow_cfg, tuned_rougeL=0.8, base_rougeL=0.2)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     # Start the better one first on odd attempts, so neither order is always the winner's.
     order = [better, worse] if attempt % 2 else [worse, better]
-    procs = [subprocess.Popen([sys.executable, "-c", PROMOTE_IN_A_PROCESS,
-                               str(REPO / "mlflow.yaml"), mlflow_cfg.registered_model,
-                               str(tmp_path), v], env=env, stdout=subprocess.PIPE, text=True)
-             for v in order]
-    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    procs = [start_promotion(mlflow_cfg, mlflow_server, tmp_path, v) for v in order]
+    outputs = dict(zip(order, (p.communicate(timeout=120)[0].strip() for p in procs),
+                       strict=True))
     assert all(p.returncode == 0 for p in procs)
     assert alias_version(mlflow_cfg, "champion").version == better
-    # @previous-champion names the champion that was replaced last: v1, or the worse version
-    # when it held @champion for a moment before the better one superseded it.
-    assert alias_version(mlflow_cfg, "previous-champion").version in (v1, worse)
-    # The worse one lost the race (superseded) or saw the better champion first (rejected).
+    assert outputs[better] == "True"
     tags = MlflowClient().get_model_version(mlflow_cfg.registered_model, worse).tags
-    assert tags["promotion.decision"] in ("superseded", "rejected")
-    assert dict(zip(order, outputs, strict=True)) == {better: "True", worse: "False"}
+    # One after the other: the worse one went first and was replaced, or saw the better one.
+    if outputs[worse] == "True":
+        assert tags["promotion.decision"] == "promoted"
+        assert alias_version(mlflow_cfg, "previous-champion").version == worse
+    else:
+        assert tags["promotion.decision"] == "rejected"
+        assert f"(champion v{better})" in tags["promotion.reason"]
+        assert alias_version(mlflow_cfg, "previous-champion").version == v1
+
+
+def test_a_promotion_waits_for_the_lock(mlflow_cfg, mlflow_server, tmp_path):
+    v1 = register(mlflow_cfg, tuned_rougeL=0.5, base_rougeL=0.2)
+    with promotion_lock(mlflow_cfg):
+        proc = start_promotion(mlflow_cfg, mlflow_server, tmp_path, v1)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)  # long enough for the process to start and reach the lock
+        assert alias_version(mlflow_cfg, "champion") is None
+    assert proc.communicate(timeout=120)[0].strip() == "True"
+    assert alias_version(mlflow_cfg, "champion").version == v1
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
+        MlflowClient().get_registered_model(mlflow_cfg.registered_model + ".promotion-lock")
+
+
+def test_a_held_lock_names_its_holder_and_a_stale_one_is_broken(mlflow_cfg):
+    client, lock = MlflowClient(), mlflow_cfg.registered_model + ".promotion-lock"
+    client.create_registered_model(lock, tags={"phi3ops.holder": "gone-host:4242:abcd"})
+    with pytest.raises(RegistryError, match=r"held by gone-host:4242:abcd .* delete the regis"):
+        with promotion_lock(mlflow_cfg, wait_s=0.5):
+            pass
+    time.sleep(0.2)
+    with promotion_lock(mlflow_cfg, stale_s=0.1):
+        assert client.get_registered_model(lock).tags["phi3ops.holder"] != "gone-host:4242:abcd"
+    with pytest.raises(MlflowException):
+        client.get_registered_model(lock)
 
 
 def test_duplicates_of_a_registration_key_are_removed(mlflow_cfg):

@@ -5,18 +5,24 @@
 
 Every decision and its reason is written to the version's tags (`promotion.decision`,
 `promotion.reason`). NaN or missing metrics never promote. MLflow has no compare-and-set on
-aliases, so concurrent promotions settle: each promoter, after writing, re-reads the versions
-that competed against the same champion and keeps `@champion` on the best of them, so the
-better version wins, not the last writer. When a retrain fails after its promotion, the flow's
-rollback puts the aliases back to a snapshot taken before it registered (`undo_promotion`,
-`undo_challenger`).
+aliases, but creating a registered model that already exists fails atomically in every store,
+so each read-decide-move of `@champion` holds `<model>.promotion-lock`, a registered model that
+lives only while aliases move: two promotions at once run one after the other, and the second
+decides against the champion the first left, so the better version wins, not the last writer.
+When a retrain fails after its promotion, the flow's rollback puts the aliases back to a
+snapshot taken before it registered (`undo_promotion`, `undo_challenger`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
@@ -29,7 +35,7 @@ from phi3ops.registry import alias_version, connect, log_tags, with_retries
 
 log = logging.getLogger(__name__)
 PREVIOUS = "previous-champion"
-NO_CHAMPION = "none"
+LOCK_SUFFIX = ".promotion-lock"
 
 
 @dataclass
@@ -94,52 +100,73 @@ def _tag(client: MlflowClient, cfg: MlflowConfig, version: str, **tags: str) -> 
         client.set_model_version_tag(cfg.registered_model, version, f"promotion.{key}", value)
 
 
-def _contenders(client: MlflowClient, cfg: MlflowConfig, baseline: str) -> list[ModelVersion]:
-    """Versions that passed the policy against the same champion and were not superseded."""
-    versions = client.search_model_versions(f"name='{cfg.registered_model}'")
-    return [v for v in versions if v.tags.get("promotion.baseline") == baseline
-            and v.tags.get("promotion.decision") == "promoted"]
+def _error_code(e: MlflowException) -> str:
+    return str(getattr(e, "error_code", ""))
 
 
-def _settle(client: MlflowClient, cfg: MlflowConfig, baseline: str) -> str:
-    """Point `@champion` at the best contender until a re-read agrees; returns the champion."""
-    metric = f"tuned_{cfg.promotion.metric}"
-    for _ in range(50):
-        best = max(_contenders(client, cfg, baseline),
-                   key=lambda v: (tag_float(v, metric), -int(v.version)))
-        current = alias_version(cfg, cfg.champion_alias)
-        if current is not None and current.version == best.version:
-            return best.version
+@contextmanager
+def promotion_lock(cfg: MlflowConfig, wait_s: float = 120.0,
+                   stale_s: float = 600.0) -> Iterator[None]:
+    """Hold `<model>.promotion-lock` while aliases move. A lock older than `stale_s` was left
+    by a promoter that died holding it, and is broken; waiting longer than `wait_s` is an error
+    that names the holder."""
+    client, name = MlflowClient(), cfg.registered_model + LOCK_SUFFIX
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            client.set_registered_model_alias(cfg.registered_model, cfg.champion_alias,
-                                              best.version)
-            if baseline != NO_CHAMPION:
-                client.set_registered_model_alias(cfg.registered_model, PREVIOUS, baseline)
+            client.create_registered_model(name, tags={"phi3ops.holder": token}, description=(
+                f"Held by phi3ops while it moves the aliases of {cfg.registered_model}."))
+            break
         except MlflowException as e:
-            # Two first-time writes of one alias collide in the store (its insert is not an
-            # upsert); the other writer got there, so re-read and decide again.
-            log.info("alias write raced another promoter (%s); re-reading", e.error_code)
-        time.sleep(0.05)
-    raise RegistryError(f"@{cfg.champion_alias} did not settle after 50 tries")
+            if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(name)
+        except MlflowException:
+            continue  # released between our create and this read
+        holder = held.tags.get("phi3ops.holder", "unknown")
+        if holder == token:
+            break  # our create went through, its reply was lost and the client retried
+        age = time.time() - held.creation_timestamp / 1000
+        if age > stale_s:
+            log.warning("breaking %s, held by %s for %.0f s", name, holder, age)
+            _release(client, name)
+        elif time.monotonic() > deadline:
+            raise RegistryError(
+                f"{name} is held by {holder} (for {age:.0f} s); waited {wait_s:.0f} s. If that "
+                f"process is gone, delete the registered model {name}.")
+        else:
+            time.sleep(0.1)
+    try:
+        yield
+    finally:
+        _release(client, name)
+
+
+def _release(client: MlflowClient, name: str) -> None:
+    try:
+        client.delete_registered_model(name)
+    except MlflowException as e:
+        if _error_code(e) != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
     """Move `@champion` to `version` if the policy allows; record the decision on its tags."""
     connect(cfg)
     client = MlflowClient()
-    candidate = client.get_model_version(cfg.registered_model, version)
-    champion = alias_version(cfg, cfg.champion_alias)
-    baseline = champion.version if champion is not None else NO_CHAMPION
-    if champion is not None and champion.version == candidate.version:
-        return PromotionDecision(version, False, "already champion", champion.version)
-    promoted, reason = decide(cfg, candidate, champion)
-    _tag(client, cfg, version, baseline=baseline, reason=reason,
-         decision="promoted" if promoted else "rejected")
-    if promoted:
-        winner = _settle(client, cfg, baseline)
-        if winner != version:
-            promoted, reason = False, f"{reason}; superseded by v{winner}, promoted concurrently"
-            _tag(client, cfg, version, decision="superseded", reason=reason)
+    with promotion_lock(cfg):
+        candidate = client.get_model_version(cfg.registered_model, version)
+        champion = alias_version(cfg, cfg.champion_alias)
+        if champion is not None and champion.version == candidate.version:
+            return PromotionDecision(version, False, "already champion", champion.version)
+        promoted, reason = decide(cfg, candidate, champion)
+        _tag(client, cfg, version, reason=reason, decision="promoted" if promoted else "rejected")
+        if promoted:
+            _point(client, cfg, cfg.champion_alias, version)
+            if champion is not None:
+                _point(client, cfg, PREVIOUS, champion.version)
     return PromotionDecision(version, promoted, reason,
                              champion.version if champion is not None else None)
 
@@ -156,12 +183,13 @@ def rollback(cfg: MlflowConfig) -> PromotionDecision:
     """`@champion` back to `@previous-champion`; the demoted version is tagged rolled-back."""
     connect(cfg)
     client = MlflowClient()
-    champion, previous = alias_version(cfg, cfg.champion_alias), alias_version(cfg, PREVIOUS)
-    if champion is None or previous is None:
-        raise RegistryError(f"nothing to roll back to: @{cfg.champion_alias} or @{PREVIOUS} "
-                            f"is not set on {cfg.registered_model}")
-    _point(client, cfg, cfg.champion_alias, previous.version)
-    _point(client, cfg, PREVIOUS, None)
+    with promotion_lock(cfg):
+        champion, previous = alias_version(cfg, cfg.champion_alias), alias_version(cfg, PREVIOUS)
+        if champion is None or previous is None:
+            raise RegistryError(f"nothing to roll back to: @{cfg.champion_alias} or @{PREVIOUS} "
+                                f"is not set on {cfg.registered_model}")
+        _point(client, cfg, cfg.champion_alias, previous.version)
+        _point(client, cfg, PREVIOUS, None)
     reason = f"rolled back to v{previous.version} by hand"
     _tag(client, cfg, champion.version, decision="rolled-back", reason=reason)
     return PromotionDecision(previous.version, True, reason, champion.version)
@@ -199,12 +227,13 @@ def undo_promotion(cfg: MlflowConfig, before: dict[str, str | None], version: st
     version = str(version)
     if before[cfg.champion_alias] == version:
         return False  # it was champion already: this run moved nothing
-    current = alias_version(cfg, cfg.champion_alias)
-    if current is None or str(current.version) != version:
-        return False
     client = MlflowClient()
-    _point(client, cfg, cfg.champion_alias, before[cfg.champion_alias])
-    _point(client, cfg, PREVIOUS, before[PREVIOUS])
+    with promotion_lock(cfg):
+        current = alias_version(cfg, cfg.champion_alias)
+        if current is None or str(current.version) != version:
+            return False
+        _point(client, cfg, cfg.champion_alias, before[cfg.champion_alias])
+        _point(client, cfg, PREVIOUS, before[PREVIOUS])
     _tag(client, cfg, version, decision="rolled-back", reason=reason)
     log.warning("@%s back to %s from v%s: %s", cfg.champion_alias,
                 f"v{before[cfg.champion_alias]}" if before[cfg.champion_alias] else "no version",
