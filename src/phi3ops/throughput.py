@@ -34,22 +34,26 @@ def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, size: int | Non
     return 2 * size**3 / best
 
 
-def train_flops_per_token(model: nn.Module, mean_seq_len: float) -> float:
+def train_flops_per_token(model: nn.Module, mean_seq_len: float,
+                          scored_fraction: float = 1.0) -> float:
     """FLOPs of one trained token with a frozen base and LoRA weights.
 
     Every matmul weight costs 2 FLOPs per token forward and 2 more backward for the activation
-    gradient; only trainable weights need the weight gradient (2 more). Attention adds
-    QK^T and AV: 2 * 2 * hidden * context forward per layer (causal: half the sequence on average),
-    three times that with backward. Embedding lookups are not matmuls and are left out.
+    gradient; only trainable weights need the weight gradient (2 more). The LM head projects only
+    the `scored_fraction` of tokens that carry a label. Attention adds QK^T and AV:
+    2 * 2 * hidden * context forward per layer (causal: half the sequence on average), three
+    times that with backward. Embedding lookups are not matmuls and are left out.
     """
-    frozen = trainable = 0
-    for name, param in model.named_parameters():
-        if param.ndim < 2 or "embed_tokens" in name:
+    head = model.get_output_embeddings().weight
+    frozen = trainable = 0.0
+    for name, param in model.named_parameters():  # a head tied to the embedding counts once
+        if param is not head and (param.ndim < 2 or "embed_tokens" in name):
             continue
+        share = scored_fraction if param is head else 1.0
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += share * param.numel()
         else:
-            frozen += param.numel()
+            frozen += share * param.numel()
     config = model.config
     if hasattr(model, "get_base_model"):
         config = model.get_base_model().config
