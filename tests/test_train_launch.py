@@ -1,6 +1,5 @@
 """Training in child processes: resume after SIGKILL, tampered checkpoints, DDP, a timeout."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from phi3ops.checkpoints import MARKER, CheckpointError, latest_complete
 from phi3ops.config import load_config
-from phi3ops.launch import JOB_FILE, TrainingTimeout, command, run_training
+from phi3ops.launch import TrainingTimeout, command, run_training, write_job
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -37,10 +36,8 @@ def uninterrupted(tmp_path_factory, tiny_models, processed):
 def start_child(cfg, processed, out_dir, tiny_models) -> subprocess.Popen:
     """What run_training starts, started by hand so the test can kill it mid-run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    job = {"config": cfg.model_dump(mode="json"), "dataset_dir": str(processed),
-           "out_dir": str(out_dir), "cache_dir": str(tiny_models), "run_id": None}
-    (out_dir / JOB_FILE).write_text(json.dumps(job))
-    return subprocess.Popen(command(out_dir / JOB_FILE, 1), start_new_session=True,
+    job = write_job(cfg, processed, out_dir, tiny_models)
+    return subprocess.Popen(command(job, 1), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

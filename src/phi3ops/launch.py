@@ -6,6 +6,11 @@ A hung step cannot be interrupted from inside Python, so training never runs in 
 process: the child gets a JSON job file, writes a JSON result (or a JSON error for mistakes a
 user can fix), and is killed with its whole process group when `launch.timeout_s` passes. Run
 again with the same `out_dir` and it resumes from the newest complete checkpoint.
+
+Training metrics reach MLflow through this process: the child appends them to a JSON-lines file
+and a thread of the caller, idle while it waits, forwards new lines to the run about once a
+second. So the child never imports or waits on MLflow, and an MLflow hiccup costs metric points,
+never the run.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from phi3ops.config import PipelineConfig
 from phi3ops.errors import Phi3opsError
 
 log = logging.getLogger(__name__)
-JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE = ("train-job.json", "train-result.json",
-                                               "train-error.json", "train.log")
+JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE, METRICS_FILE = (
+    "train-job.json", "train-result.json", "train-error.json", "train.log", "train-metrics.jsonl")
+FORWARD_EVERY_S = 1.0
 
 
 class TrainingTimeout(TimeoutError):
@@ -48,14 +55,12 @@ def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_di
 
     check_runtime(cfg)  # no CUDA for QLoRA/FSDP: say so now, not from inside a child
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (RESULT_FILE, ERROR_FILE):
+    for name in (RESULT_FILE, ERROR_FILE, METRICS_FILE):  # a retry's metrics are forwarded anew
         (out_dir / name).unlink(missing_ok=True)
-    job = {"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir),
-           "out_dir": str(out_dir), "cache_dir": str(cache_dir), "run_id": run_id}
-    (out_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
-    env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
-    with (out_dir / LOG_FILE).open("ab") as log_file:
-        child = subprocess.Popen(command(out_dir / JOB_FILE, cfg.launch.nproc), env=env,
+    job_path = write_job(cfg, dataset_dir, out_dir, cache_dir, write_metrics=run_id is not None)
+    with MetricsForwarder(out_dir / METRICS_FILE, run_id, tracking_uri), \
+            (out_dir / LOG_FILE).open("ab") as log_file:
+        child = subprocess.Popen(command(job_path, cfg.launch.nproc),
                                  stdout=log_file, stderr=subprocess.STDOUT,
                                  start_new_session=True)  # its own group: kill ranks together
         try:
@@ -77,19 +82,71 @@ def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_di
     return TrainResult(**json.loads((out_dir / RESULT_FILE).read_text()))
 
 
-def _metrics_logger(run_id: str | None):
-    """Log to the MLflow run; an MLflow hiccup costs a metric point, never the training."""
-    if run_id is None:
-        return None
-    from phi3ops import registry
+def write_job(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
+              write_metrics: bool = False) -> Path:
+    """The child's instructions, as JSON: config, data, where to write, whether to log."""
+    job = {"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir),
+           "out_dir": str(out_dir), "cache_dir": str(cache_dir), "write_metrics": write_metrics}
+    (out_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
+    return out_dir / JOB_FILE
 
-    def log_metrics(metrics: dict[str, float], step: int) -> None:
+
+class MetricsForwarder:
+    """While open, a thread sends the complete lines the child added to its metrics file to the
+    MLflow run, one batch about every second, and once more on close; without a run, nothing.
+    A thread, so that an MLflow that is slow to answer never delays the child's timeout."""
+
+    def __init__(self, path: Path, run_id: str | None, tracking_uri: str | None):
+        self.path, self.run_id, self.tracking_uri, self.offset = path, run_id, tracking_uri, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="metrics-forwarder", daemon=True)
+
+    def __enter__(self) -> MetricsForwarder:
+        if self.run_id is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stop.wait(FORWARD_EVERY_S):
+            self.forward()
+        self.forward()
+
+    def forward(self) -> None:
+        if self.run_id is None or not self.path.is_file():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being written waits for next time
+        if not complete:
+            return
+        self.offset += len(complete)
+        points = [json.loads(line) for line in complete.splitlines()]
+        from phi3ops import registry
+
         try:
-            registry.log_metrics(run_id, metrics, step)
+            registry.log_metric_steps(self.run_id, [(p["step"], p["metrics"]) for p in points],
+                                      self.tracking_uri)
         except Exception as e:  # noqa: BLE001 - metrics are best effort here
-            log.warning("could not log metrics at step %d: %s", step, e)
+            log.warning("could not log training metrics of steps %s: %s",
+                        [p["step"] for p in points], e)
 
-    return log_metrics
+
+def _metrics_writer(out_dir: Path, enabled: bool):
+    """Append each logging step's metrics as one JSON line, for MetricsForwarder."""
+    if not enabled:
+        return None
+
+    def write(metrics: dict[str, float], step: int) -> None:
+        with (out_dir / METRICS_FILE).open("a") as f:
+            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+
+    return write
 
 
 def main(job_path: str) -> int:
@@ -103,7 +160,7 @@ def main(job_path: str) -> int:
     try:
         cfg = PipelineConfig.model_validate(job["config"])
         result = train(cfg, Path(job["dataset_dir"]), out_dir, Path(job["cache_dir"]),
-                       log_metrics=_metrics_logger(job.get("run_id")))
+                       log_metrics=_metrics_writer(out_dir, job.get("write_metrics", False)))
     except Phi3opsError as e:
         if rank0:
             _write_atomic(out_dir / ERROR_FILE, {"type": type(e).__name__, "message": str(e)})

@@ -79,10 +79,18 @@ def start_run(cfg: MlflowConfig, pipeline: PipelineConfig, run_name: str | None 
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    log_metric_steps(run_id, [(step or 0, metrics)])
+
+
+def log_metric_steps(run_id: str, points: list[tuple[int, dict[str, float]]],
+                     tracking_uri: str | None = None) -> None:
+    """Metrics of several steps in as few calls as MLflow's batch limit allows."""
     now = get_current_time_millis()
-    MlflowClient().log_batch(run_id, metrics=[
-        Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-    ])
+    metrics = [Metric(k, float(v), now, step) for step, values in points
+               for k, v in values.items()]
+    client = MlflowClient(tracking_uri)
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 per batch
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
 def log_tags(run_id: str, tags: dict[str, str]) -> None:
