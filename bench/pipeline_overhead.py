@@ -19,7 +19,6 @@ Goals: overhead under 10% of (2); (3) under 5% of (2).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from prefect import flow as prefect_flow  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 
+from phi3ops.cli import load_flow_module  # noqa: E402
 from phi3ops.config import ProjectPaths, load_config, load_mlflow_config  # noqa: E402
 from phi3ops.data import checkout_version  # noqa: E402
 from phi3ops.evaluation import evaluate_adapter  # noqa: E402
@@ -110,9 +110,7 @@ def main() -> None:
         stages_only(root, "warm-up")  # imports and file caches warm, as for the flow after it
         plain = stages_only(root, "plain")
 
-        spec = importlib.util.spec_from_file_location("bench_flow", root / "flows" / "retrain.py")
-        flow = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(flow)
+        flow = load_flow_module(root)
         start = time.perf_counter()
         noop()
         server = time.perf_counter() - start

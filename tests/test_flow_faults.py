@@ -13,10 +13,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from phi3ops import locking, promotion
+from phi3ops.cli import load_flow_module
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import BusyError, RegistryError
 from tests.conftest import git
-from tests.test_flow_retrain import load_flow
 
 pytestmark = pytest.mark.slow
 MODEL = "phi3ops-faults"  # its own model and experiment on the session's MLflow server
@@ -45,7 +45,7 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
                                                      f"registered_model: {MODEL}")
                         .replace("experiment: phi3ops", f"experiment: {MODEL}"))
     git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "own model")
-    flow = load_flow(project)
+    flow = load_flow_module(project)
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     lock = locking.lock_path(project, f"retrain-{MODEL}")
     states = {}

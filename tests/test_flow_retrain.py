@@ -1,6 +1,5 @@
 """End to end: the Prefect retrain flow on a fresh clone, against a real MLflow server."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from phi3ops.cli import load_flow_module
 from phi3ops.config import DataConfig
 from phi3ops.data import DataError, record_version, recorded_md5
 from phi3ops.validation import TooManyRejectedError
@@ -21,14 +21,6 @@ from tests.conftest import free_port, git
 pytestmark = pytest.mark.slow
 MODEL = "phi3ops-chat"
 QUESTION = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
-
-
-def load_flow(project):
-    path = project / "flows" / "retrain.py"
-    spec = importlib.util.spec_from_file_location("retrain_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def serve_and_ask(model_uri: str, env: dict) -> str:
@@ -60,7 +52,7 @@ def serve_and_ask(model_uri: str, env: dict) -> str:
 def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefect_harness,
                                                   monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    flow = load_flow(project)
+    flow = load_flow_module(project)
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
 
     first = flow.retrain(root=str(project))

@@ -1,12 +1,12 @@
 """The flow's train task: a hung training is killed at launch.timeout_s and retried once, and the
 retry resumes from the newest complete checkpoint instead of starting over."""
 
-import importlib.util
 import re
 
 import pytest
 from prefect import flow
 
+from phi3ops.cli import load_flow_module
 from phi3ops.config import load_config
 from phi3ops.launch import LOG_FILE, TrainingTimeout
 from tests.conftest import REPO
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_a_timed_out_training_is_retried_from_its_last_checkpoint(
         tmp_path, tiny_models, processed, prefect_harness):
-    spec = importlib.util.spec_from_file_location("retrain_retry", REPO / "flows" / "retrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_flow_module(REPO)
     cfg = load_config(REPO / "pipelines" / "tiny-cpu.yaml", [
         "training_config.max_steps=1000000", "training_config.save_steps=2",
         "launch.timeout_s=25"])  # never finishes: each attempt is killed after a checkpoint

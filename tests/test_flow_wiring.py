@@ -1,11 +1,10 @@
 """How the retrain flow is wired into Prefect: what it persists is JSON, and preprocessing is a
 cached task keyed on what decides its output."""
 
-import importlib.util
-
 import pytest
 from prefect import Task
 
+from phi3ops.cli import load_flow_module
 from phi3ops.config import PreprocessConfig
 from phi3ops.modeling import load_tokenizer
 from phi3ops.preprocess import cache_key
@@ -14,10 +13,7 @@ from tests.conftest import REPO
 
 @pytest.fixture(scope="module")
 def flow_module():
-    spec = importlib.util.spec_from_file_location("retrain_wiring", REPO / "flows" / "retrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_flow_module(REPO)
 
 
 def test_whatever_prefect_persists_is_json_under_the_project(flow_module):

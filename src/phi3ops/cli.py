@@ -32,7 +32,7 @@ Pipeline = Annotated[Path, typer.Option(help="pipeline YAML, relative to the roo
 DEFAULT_PIPELINE = Path("pipelines/tiny-cpu.yaml")
 
 
-def _load_flow_module(root: Path):
+def load_flow_module(root: Path):
     """Import flows/retrain.py by path: the CLI is a front door; the flow stays in flows/."""
     path = root / "flows" / "retrain.py"
     if not path.is_file():
@@ -60,7 +60,7 @@ def run(
         argv += ["--data-rev", data_rev]
     if force:
         argv.append("--force")
-    summary = _load_flow_module(paths.root).main(argv)
+    summary = load_flow_module(paths.root).main(argv)
     typer.echo(json.dumps(summary, indent=2))
 
 
