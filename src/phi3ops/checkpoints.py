@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from phi3ops.config import write_json_atomic
 from phi3ops.errors import Phi3opsError
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,7 @@ def _files(checkpoint: Path) -> list[str]:
 def mark_complete(checkpoint: Path) -> None:
     """Record the sha256 of every file; the rename makes the marker appear whole or not at all."""
     hashes = {name: file_sha256(checkpoint / name) for name in _files(checkpoint)}
-    tmp = checkpoint / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"files": hashes}, indent=1, sort_keys=True))
-    os.replace(tmp, checkpoint / MARKER)
+    write_json_atomic(checkpoint / MARKER, {"files": hashes})
 
 
 def verify(checkpoint: Path) -> None:

@@ -265,6 +265,13 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write beside `path`, then rename over it: readers see the whole file or none of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply torchtune-style dotted `key.sub=value` overrides; values are parsed as YAML."""
     for item in overrides:

@@ -24,7 +24,7 @@ import sys
 import threading
 from pathlib import Path
 
-from phi3ops.config import PipelineConfig
+from phi3ops.config import PipelineConfig, write_json_atomic
 from phi3ops.errors import Phi3opsError
 
 log = logging.getLogger(__name__)
@@ -163,18 +163,12 @@ def main(job_path: str) -> int:
                        log_metrics=_metrics_writer(out_dir, job.get("write_metrics", False)))
     except Phi3opsError as e:
         if rank0:
-            _write_atomic(out_dir / ERROR_FILE, {"type": type(e).__name__, "message": str(e)})
+            write_json_atomic(out_dir / ERROR_FILE, {"type": type(e).__name__, "message": str(e)})
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank0:
-        _write_atomic(out_dir / RESULT_FILE, result.to_json())
+        write_json_atomic(out_dir / RESULT_FILE, result.to_json())
     return 0
-
-
-def _write_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
