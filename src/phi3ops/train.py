@@ -134,14 +134,17 @@ class LoralibSFTTrainer(Phi3opsSFTTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:
-            out = Path(output_dir or self.args.output_dir)
-            adapters.save(self.accelerator.unwrap_model(self.model), out)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(str(out))
+            save_adapter(self, Path(output_dir or self.args.output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         adapters.load_loralib_weights(model or self.model,
                                       Path(resume_from_checkpoint) / adapters.LORALIB_WEIGHTS)
+
+
+def save_adapter(trainer: SFTTrainer, out_dir: Path) -> None:
+    """The adapter (either backend's files) beside the tokenizer that goes with it."""
+    adapters.save(trainer.accelerator.unwrap_model(trainer.model), out_dir)
+    trainer.processing_class.save_pretrained(str(out_dir))
 
 
 def check_runtime(cfg: PipelineConfig) -> None:
@@ -232,8 +235,7 @@ def train(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path
 
     adapter_dir = out_dir / "adapter"
     if trainer.args.should_save:
-        adapters.save(trainer.accelerator.unwrap_model(trainer.model), adapter_dir)
-        trainer.processing_class.save_pretrained(str(adapter_dir))
+        save_adapter(trainer, adapter_dir)
     return TrainResult(
         adapter_dir=str(adapter_dir), train_loss=float(output.training_loss),
         global_step=output.global_step, runtime_s=round(runtime, 2),
