@@ -4,6 +4,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from phi3ops.adapters import build_lora_config
 from phi3ops.config import (
     ConfigError,
     PipelineConfig,
@@ -11,7 +12,7 @@ from phi3ops.config import (
     load_config,
     load_mlflow_config,
 )
-from phi3ops.train import build_lora_config, build_sft_config
+from phi3ops.train import build_sft_config
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((REPO / "pipelines").rglob("*.yaml"))

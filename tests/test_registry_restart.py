@@ -7,11 +7,11 @@ import pytest
 from mlflow import MlflowClient
 from peft import get_peft_model
 
+from phi3ops.adapters import build_lora_config
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import RegistryError
 from phi3ops.modeling import load_model, tiny_model_dir
 from phi3ops.registry import Lineage, register_adapter
-from phi3ops.train import build_lora_config
 from tests.conftest import REPO, free_port, start_mlflow, stop
 
 pytestmark = pytest.mark.slow  # restarts a server and waits out the backoff

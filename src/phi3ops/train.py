@@ -32,7 +32,6 @@ from phi3ops.throughput import ThroughputCallback, matmul_flops_per_s, train_flo
 
 log = logging.getLogger(__name__)
 MetricsLogger = Callable[[dict[str, float], int], None]
-build_lora_config = adapters.build_lora_config
 
 
 @dataclass
@@ -204,7 +203,8 @@ def scored_fraction(trainer: SFTTrainer) -> float:
     if "labels" not in data.column_names:
         return 1.0
     labels = data["labels"]
-    return sum(sum(t != -100 for t in row) for row in labels) / max(sum(map(len, labels)), 1)
+    total = sum(map(len, labels))
+    return (total - sum(row.count(-100) for row in labels)) / max(total, 1)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
