@@ -189,6 +189,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         logger.info("preprocess: %s", prep.summary())
         registry.log_preprocess(run_id, prep)
         stage = "train"
+        requirements_checked = registry.check_requirements_in_background()  # while it trains
         trained = train_adapter(cfg, Path(prep.out_dir), paths.runs / run_id, paths.models,
                                 run_id=run_id, tracking_uri=mcfg.tracking_uri)
         registry.log_figure(run_id, loss_curve(trained.history), "train/loss_curve.png")
@@ -203,6 +204,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         create_table_artifact(key="sample-answers", table=scores.samples[:20],
                               description="first held-out answers of each model")
         stage = "register"
+        requirements_checked.join()
         lineage = registry.Lineage(
             dataset_md5=dataset.md5, data_git_rev=dataset.git_rev,
             config_hash=cfg.config_hash(), code_git_rev=code_rev,

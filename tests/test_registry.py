@@ -1,5 +1,6 @@
 """Promotion policy against a real MLflow server (SQLite backend, subprocess)."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -24,7 +25,12 @@ from phi3ops.promotion import (
     undo_challenger,
     undo_promotion,
 )
-from phi3ops.registry import alias_version, connect
+from phi3ops.registry import (
+    alias_version,
+    check_requirements_in_background,
+    connect,
+    pip_requirements,
+)
 from tests.conftest import REPO
 
 
@@ -273,3 +279,21 @@ def test_record_and_undo_on_a_sql_store_whose_versions_are_ints(tmp_path, monkey
     assert MlflowClient().get_run(run_id).data.tags["phi3ops.version"] == str(v1)
     assert alias_snapshot(cfg)["champion"] == str(v1)
     assert undo_promotion(cfg, before, v1, "undone") and alias_snapshot(cfg) == before
+
+
+def test_the_early_requirements_check_passes_for_the_pinned_runtime():
+    """The check log_model makes, run ahead in a thread: it ends, and this environment
+    satisfies every requirement a registered model records (pinned as installed)."""
+    warnings: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = warnings.append
+    logger = logging.getLogger("mlflow.utils.requirements_utils")
+    logger.addHandler(handler)
+    try:
+        thread = check_requirements_in_background()
+        thread.join(timeout=120)
+    finally:
+        logger.removeHandler(handler)
+    assert not thread.is_alive()
+    assert [w.getMessage() for w in warnings] == []
+    assert {r.split("==")[0] for r in pip_requirements()} >= {"torch", "peft", "mlflow"}

@@ -8,6 +8,7 @@ Every registered version gets `@challenger`; promotion.py decides whether `@cham
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
@@ -20,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 from mlflow.utils.time import get_current_time_millis
 
 from phi3ops.config import MlflowConfig, PipelineConfig, sha256_json
@@ -31,6 +33,21 @@ log = logging.getLogger(__name__)
 SIGNATURE = infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."])  # messages in
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "loralib", "accelerate", "safetensors",
                     "tokenizers", "mlflow", "pandas")
+
+
+def pip_requirements() -> list[str]:
+    """What a registered model needs to load: the runtime packages, pinned as installed."""
+    return [f"{p}=={installed_version(p)}" for p in RUNTIME_PACKAGES]
+
+
+def check_requirements_in_background() -> threading.Thread:
+    """log_model checks the model's requirements against this environment by mapping every
+    installed package's files: about a second, once per process. Started while the training
+    child is importing and training, it is done by registration time and costs the run nothing."""
+    thread = threading.Thread(target=warn_dependency_requirement_mismatches,
+                              args=(pip_requirements(),), name="mlflow-requirements", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass
@@ -217,7 +234,7 @@ def register_adapter(
                 artifacts=model_artifacts(adapter_dir, base_dir),
                 model_config={"base_model": lineage.base_model, "max_new_tokens": max_new_tokens},
                 signature=SIGNATURE,
-                pip_requirements=[f"{p}=={installed_version(p)}" for p in RUNTIME_PACKAGES],
+                pip_requirements=pip_requirements(),
             )
         # Lineage, key and metrics are set with the version itself, so none is ever missing.
         tags = {**lineage.tags(), "phi3ops.artifact_type": artifact_type,
