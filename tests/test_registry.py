@@ -1,4 +1,4 @@
-"""Promotion policy against a real MLflow server (SQLite backend, subprocess)."""
+"""Promotion policy and registry checks against a real MLflow server (SQLite, subprocess)."""
 
 import logging
 import os
