@@ -105,8 +105,8 @@ def run_side(side: str, args) -> dict:
     model = mid_size_model(args)
     lora = PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05)
     if side == "ours":
-        model, peft_config, trainer_class = adapters.attach(model, lora, "peft"), None, \
-            Phi3opsSFTTrainer
+        model = adapters.attach(model, lora, "peft")
+        peft_config, trainer_class = None, Phi3opsSFTTrainer
     else:
         peft_config, trainer_class = adapters.build_lora_config(lora), SFTTrainer
     trainer = trainer_class(model=model, args=side_config(side, f"/tmp/bench-{side}", mean_tokens),

@@ -87,7 +87,7 @@ def write_job(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: 
     """The child's instructions, as JSON: config, data, where to write, whether to log."""
     job = {"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir),
            "out_dir": str(out_dir), "cache_dir": str(cache_dir), "write_metrics": write_metrics}
-    (out_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
+    write_json_atomic(out_dir / JOB_FILE, job)
     return out_dir / JOB_FILE
 
 
