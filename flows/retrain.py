@@ -45,6 +45,7 @@ from phi3ops.config import (
 )
 from phi3ops.errors import Phi3opsError
 from phi3ops.modeling import load_tokenizer, resolve_model_path
+from phi3ops.preflight import preflight
 from phi3ops.throughput import loss_curve
 
 
@@ -150,7 +151,7 @@ def retrain(
     """One retrain per registered model at a time: a second run waits for the lock (up to
     `lock_timeout_s` seconds, None: as long as it takes), then sees what the first one did."""
     paths = ProjectPaths(root)
-    cfg = load_config(paths.pipeline(pipeline), overrides)
+    cfg = load_config(paths.pipeline(pipeline), overrides, paths.root)
     mcfg = load_mlflow_config(paths.pipeline(mlflow_config)).resolved(paths.root)
     lock = locking.lock_path(paths.root, f"retrain-{mcfg.registered_model}")
     with locking.exclusive(lock, f"flow run {flow_run.name} {flow_run.id}", lock_timeout_s,
@@ -161,7 +162,8 @@ def retrain(
 def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
                data_rev: str | None, force: bool) -> dict:
     logger = get_run_logger()
-    model_path = resolve_model_path(cfg.model, paths.models)  # fails fast if weights are missing
+    template = preflight(cfg, paths.models)  # machine, weights, chat template: fail fast
+    model_path = resolve_model_path(cfg.model, paths.models)
 
     run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
     stage, before = "version_data", None
@@ -187,6 +189,9 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         if state.name == "Cached":
             prep = replace(prep, cached=True)
         logger.info("preprocess: %s", prep.summary())
+        if note := template.system_note(prep.messages_by_role.get("system", 0),
+                                        prep.n_train + prep.n_test):
+            logger.warning(note)
         registry.log_preprocess(run_id, prep)
         stage = "train"
         requirements_checked = registry.check_requirements_in_background()  # while it trains
@@ -284,14 +289,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     paths = ProjectPaths(args.root)
     try:  # fail before Prefect starts, with the fix in the message rather than a traceback
-        cfg = load_config(paths.pipeline(args.pipeline), args.overrides)
-        train.check_runtime(cfg)
-        resolve_model_path(cfg.model, paths.models)
-    except Phi3opsError as e:
+        preflight(load_config(paths.pipeline(args.pipeline), args.overrides, paths.root),
+                  paths.models)
+        return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root,
+                       data_rev=args.data_rev, force=args.force, lock_timeout_s=args.lock_timeout)
+    except Phi3opsError as e:  # a user's mistake: one paragraph, no traceback, exit 2
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root,
-                   data_rev=args.data_rev, force=args.force, lock_timeout_s=args.lock_timeout)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     paths = ProjectPaths(args.root)
     try:
-        cfg = load_config(paths.pipeline(args.pipeline))
+        cfg = load_config(paths.pipeline(args.pipeline), root=paths.root)
     except Phi3opsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -106,7 +106,7 @@ def test_project_paths_are_under_the_root(tmp_path):
 def test_qlora_profile_is_valid_and_stops_at_once_without_cuda(tmp_path):
     from phi3ops.errors import Phi3opsError
     from phi3ops.modeling import bnb_config
-    from phi3ops.train import check_runtime
+    from phi3ops.preflight import check_runtime
 
     cfg = load_config(REPO / "pipelines" / "phi3-mini-qlora.yaml")
     quant = cfg.model.quantization
@@ -135,7 +135,7 @@ def test_training_settings_that_cannot_work_are_refused_at_load(overrides, messa
 
 def test_fsdp_settings_shard_decoder_layers_and_need_gpus(tmp_path):
     from phi3ops.errors import Phi3opsError
-    from phi3ops.train import check_runtime
+    from phi3ops.preflight import check_runtime
 
     cfg = load_config(REPO / "pipelines" / "phi3-mini-lora.yaml",
                       ["launch.strategy=fsdp", "launch.nproc=8"])

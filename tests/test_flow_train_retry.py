@@ -1,5 +1,6 @@
 """The flow's train task: a hung training is killed at launch.timeout_s and retried once, and the
-retry resumes from the newest complete checkpoint instead of starting over."""
+retry resumes from the newest complete checkpoint instead of starting over; a failure before the
+first step (config, template, data) is never retried."""
 
 import re
 
@@ -8,6 +9,7 @@ from prefect import flow
 
 from phi3ops.cli import load_flow_module
 from phi3ops.config import load_config
+from phi3ops.errors import TrainingSetupError
 from phi3ops.launch import LOG_FILE, TrainingTimeout
 from tests.conftest import REPO
 
@@ -32,3 +34,24 @@ def test_a_timed_out_training_is_retried_from_its_last_checkpoint(
     log = (tmp_path / LOG_FILE).read_text()
     assert len(re.findall(r"training \d+ of \d+ parameters", log)) == 2, "first try + 1 retry"
     assert "resuming from" in log and "checkpoint-" in log.split("resuming from", 1)[1]
+
+
+def test_a_failure_before_training_is_reported_once_and_not_retried(
+        tmp_path, tiny_models, processed, prefect_harness):
+    """A template the trainer cannot use fails the same way every time: the child says so
+    (kind 'template'), and the flow does not start a second attempt."""
+    module = load_flow_module(REPO)
+    cfg = load_config(REPO / "pipelines" / "tiny-cpu.yaml")
+    chatml = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"chat_template": chatml})})
+
+    @flow
+    def only_train():
+        return module.train_adapter(cfg, processed, tmp_path, tiny_models, return_state=True)
+
+    state = only_train(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(TrainingSetupError) as err:
+        state.result()
+    assert err.value.kind == "template" and "model.chat_template" in str(err.value)
+    assert (tmp_path / LOG_FILE).read_text().count("failed before the first step") == 1

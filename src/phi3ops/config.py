@@ -18,8 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from phi3ops.errors import ConfigError
+from phi3ops.templates import resolve_setting
 
 TINY_MODEL = "tiny-phi3"
+PHI3_VOCAB_SIZE = 32064
 PHI3_FUSED_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # Names from Llama-style models that Phi-3 does not have: it fuses q/k/v into qkv_proj and
 # gate/up into gate_up_proj. peft would silently adapt only the remaining layers.
@@ -40,7 +42,10 @@ class TinyModelConfig(_Frozen):
     num_attention_heads: int = Field(4, gt=0)
     num_key_value_heads: int = Field(4, gt=0)
     max_position_embeddings: int = Field(512, gt=0)
-    vocab_size: int = Field(1024, ge=300, description="target size of the locally trained BPE")
+    tokenizer: Literal["trained-bpe", "phi3"] = Field(
+        "trained-bpe", description="a BPE trained on the demo corpus, or Phi-3's own (32,064 "
+        "tokens, built from llama.cpp's vocabulary: make phi3-tokenizer)")
+    vocab_size: int = Field(1024, ge=300, description="tokens: the BPE's target size, or 32064")
     pretrain_steps: int = Field(
         600, ge=0, description="causal-LM steps on plain demo text so the base knows the facts"
     )
@@ -65,6 +70,10 @@ class ModelConfig(_Frozen):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     quantization: QuantizationConfig | None = Field(
         None, description="load the base in 4 bits for training (QLoRA); merging uses full weights"
+    )
+    chat_template: str | None = Field(
+        None, description="replaces the tokenizer's: phi3, phi3-2024-04, phi3.5, a .jinja file "
+        "(relative to the project root) or the template itself; resolved to its text at load"
     )
 
 
@@ -183,6 +192,9 @@ class PipelineConfig(_Frozen):
                 problems.append(
                     "model.tiny.num_key_value_heads: must divide num_attention_heads"
                 )
+            if tiny.tokenizer == "phi3" and tiny.vocab_size != PHI3_VOCAB_SIZE:
+                problems.append(f"model.tiny.vocab_size: Phi-3's tokenizer has {PHI3_VOCAB_SIZE} "
+                                "tokens; set it to that")
             if self.training_config.max_length > tiny.max_position_embeddings:
                 problems.append(
                     "training_config.max_length: exceeds model.tiny.max_position_embeddings"
@@ -313,8 +325,16 @@ def _load(path: Path, model: type[BaseModel], overrides: list[str]) -> Any:
         raise ConfigError(_format_errors(path, e)) from None
 
 
-def load_config(path: Path | str, overrides: list[str] | None = None) -> PipelineConfig:
-    return _load(Path(path), PipelineConfig, overrides or [])
+def load_config(path: Path | str, overrides: list[str] | None = None,
+                root: Path | str | None = None) -> PipelineConfig:
+    """The pipeline config; a `model.chat_template` name or file becomes the template's text
+    (files relative to `root`, default the working directory), so the config says all."""
+    cfg: PipelineConfig = _load(Path(path), PipelineConfig, overrides or [])
+    template = resolve_setting(cfg.model.chat_template, Path(root or Path.cwd()))
+    if template != cfg.model.chat_template:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"chat_template": template})})
+    return cfg
 
 
 def load_mlflow_config(path: Path | str, overrides: list[str] | None = None) -> MlflowConfig:

@@ -26,3 +26,16 @@ class RegistryError(Phi3opsError, RuntimeError):
 
 class BusyError(Phi3opsError, RuntimeError):
     """Another run holds the lock this one needs (another retrain of the same model)."""
+
+
+class TemplateError(ConfigError):
+    """The chat template cannot train as configured; the message names the setting to change."""
+
+
+class TrainingSetupError(Phi3opsError, RuntimeError):
+    """Training failed before its first step, on config, template, model or data: the same
+    inputs fail the same way, so it is never retried."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind

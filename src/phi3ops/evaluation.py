@@ -24,8 +24,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from phi3ops import adapters
 from phi3ops.config import EvaluationConfig, ModelConfig
 from phi3ops.metrics import metric_path
-from phi3ops.modeling import PHI3_CHAT_TEMPLATE, load_tokenizer
+from phi3ops.modeling import load_tokenizer
 from phi3ops.preprocess import load_processed
+from phi3ops.templates import plan_training_template
 from phi3ops.train import load_adapter_model
 
 METRICS = ("rouge", "bleu", "chrf", "exact_match")
@@ -84,9 +85,8 @@ def generate_replies(
 def assistant_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    conversations: list[list[dict]], batch_size: int) -> float:
     """Mean negative log-likelihood per assistant token (exp of it is the perplexity)."""
-    template = tokenizer.chat_template
-    if "{% generation %}" not in (template or ""):
-        template = PHI3_CHAT_TEMPLATE  # the same text, with assistant markers
+    # The training twin of the tokenizer's template: the same text, with the replies marked.
+    template = plan_training_template(tokenizer.chat_template, assistant_only_loss=True).training
     total, count = 0.0, 0
     for start in range(0, len(conversations), batch_size):
         encoded = [tokenizer.apply_chat_template(c, chat_template=template, tokenize=True,

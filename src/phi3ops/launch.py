@@ -3,9 +3,11 @@
     phi3ops train --pipeline pipelines/tiny-cpu.yaml --nproc 2     # DDP, gloo on CPU
 
 A hung step cannot be interrupted from inside Python, so training never runs in the caller's
-process: the child gets a JSON job file, writes a JSON result (or a JSON error for mistakes a
-user can fix), and is killed with its whole process group when `launch.timeout_s` passes. Run
-again with the same `out_dir` and it resumes from the newest complete checkpoint.
+process: the child gets a JSON job file, writes a JSON result, and is killed with its whole
+process group when `launch.timeout_s` passes. A child that fails before its first step (config,
+template, model, data) writes a JSON error with that kind instead: the caller raises it as a
+TrainingSetupError, which is never retried. A crash or timeout is retried, and the retry (the same
+`out_dir`) resumes from the newest complete checkpoint.
 
 Training metrics reach MLflow through this process: the child appends them to a JSON-lines file
 and a thread of the caller, idle while it waits, forwards new lines to the run about once a
@@ -25,7 +27,7 @@ import threading
 from pathlib import Path
 
 from phi3ops.config import PipelineConfig, write_json_atomic
-from phi3ops.errors import Phi3opsError
+from phi3ops.errors import TrainingSetupError
 
 log = logging.getLogger(__name__)
 JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE, METRICS_FILE = (
@@ -51,7 +53,8 @@ def command(job_path: Path, nproc: int) -> list[str]:
 def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
                  run_id: str | None = None, tracking_uri: str | None = None):
     """Train in child process(es) and return their TrainResult; raise if they fail or hang."""
-    from phi3ops.train import TrainResult, check_runtime
+    from phi3ops.preflight import check_runtime
+    from phi3ops.train import TrainResult
 
     check_runtime(cfg)  # no CUDA for QLoRA/FSDP: say so now, not from inside a child
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,8 +76,10 @@ def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_di
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
-    if (out_dir / ERROR_FILE).is_file():
-        raise Phi3opsError(json.loads((out_dir / ERROR_FILE).read_text())["message"])
+    if (out_dir / ERROR_FILE).is_file():  # the child's verdict: it failed before training
+        error = json.loads((out_dir / ERROR_FILE).read_text())
+        raise TrainingSetupError(error["kind"], f"{error['message']} (not retried: the same "
+                                 f"inputs fail the same way; log: {out_dir / LOG_FILE})")
     if code != 0 or not (out_dir / RESULT_FILE).is_file():
         tail = (out_dir / LOG_FILE).read_text(errors="replace")[-3000:]
         raise TrainingCrashed(f"training exited with code {code}; log {out_dir / LOG_FILE} "
@@ -161,10 +166,10 @@ def main(job_path: str) -> int:
         cfg = PipelineConfig.model_validate(job["config"])
         result = train(cfg, Path(job["dataset_dir"]), out_dir, Path(job["cache_dir"]),
                        log_metrics=_metrics_writer(out_dir, job.get("write_metrics", False)))
-    except Phi3opsError as e:
+    except TrainingSetupError as e:
+        log.error("failed before the first step (%s)", e.kind, exc_info=e)  # kept in train.log
         if rank0:
-            write_json_atomic(out_dir / ERROR_FILE, {"type": type(e).__name__, "message": str(e)})
-        print(f"error: {e}", file=sys.stderr)
+            write_json_atomic(out_dir / ERROR_FILE, {"kind": e.kind, "message": str(e)})
         return 2
     if rank0:
         write_json_atomic(out_dir / RESULT_FILE, result.to_json())

@@ -2,8 +2,9 @@
 
     phi3ops run        # builds the tiny base on first use; later runs load it from the cache
 
-The tiny model is a real `Phi3ForCausalLM` with small dimensions and a byte-level BPE tokenizer
-trained locally, carrying Phi-3's special tokens and chat template. It is saved with
+The tiny model is a real `Phi3ForCausalLM` with small dimensions and either a byte-level BPE
+tokenizer trained locally, carrying Phi-3's special tokens and chat template, or Phi-3's own
+tokenizer (`model.tiny.tokenizer: phi3`, see phi3_tokenizer.py). It is saved with
 save_pretrained under a content-hash directory, so it loads like any hub model and is built once.
 """
 
@@ -36,28 +37,19 @@ from phi3ops.config import (
 )
 from phi3ops.demo_data import DEMO_SEED, DEMO_SIZE, generate_conversations, tokenizer_corpus
 from phi3ops.errors import ModelNotAvailableError
+from phi3ops.phi3_tokenizer import ensure_phi3_tokenizer
+from phi3ops.templates import PHI3_TEMPLATE
 
 log = logging.getLogger(__name__)
 # Bump when the builder changes what it produces: the hash (and so the cache entry) changes too.
-TINY_BUILDER_VERSION = 1
+TINY_BUILDER_VERSION = 2
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>",
                   "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-# Phi-3-mini-4k-instruct's template, with {% generation %} markers around assistant replies so
-# trainers can compute the loss on assistant turns only.
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}"
-    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 
 
 def tiny_model_dir(tiny: TinyModelConfig, cache_dir: Path) -> Path:
     key = sha256_json({"builder": TINY_BUILDER_VERSION, "tiny": tiny.model_dump(),
-                       "template": PHI3_CHAT_TEMPLATE, "special": SPECIAL_TOKENS})
+                       "template": PHI3_TEMPLATE, "special": SPECIAL_TOKENS})
     return cache_dir / f"{TINY_MODEL}-{key[:12]}"
 
 
@@ -78,7 +70,7 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>",
-        pad_token="<|endoftext|>", chat_template=PHI3_CHAT_TEMPLATE, model_max_length=4096,
+        pad_token="<|endoftext|>", chat_template=PHI3_TEMPLATE, model_max_length=4096,
         padding_side="right",
     )
 
@@ -145,7 +137,10 @@ def ensure_tiny_model(tiny: TinyModelConfig, cache_dir: Path) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
-    tokenizer = build_tiny_tokenizer(tiny.vocab_size)
+    if tiny.tokenizer == "phi3":
+        tokenizer = AutoTokenizer.from_pretrained(str(ensure_phi3_tokenizer(cache_dir)))
+    else:
+        tokenizer = build_tiny_tokenizer(tiny.vocab_size)
     model = build_tiny_model(tiny, tokenizer)
     if tiny.pretrain_steps:
         pretrain_tiny_model(model, tokenizer, tiny)
@@ -206,6 +201,8 @@ def load_tokenizer(model: ModelConfig, cache_dir: Path) -> PreTrainedTokenizerFa
         raise _wrap_load_error(model, e) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if model.chat_template is not None:  # the config's template replaces the tokenizer's
+        tokenizer.chat_template = model.chat_template
     return tokenizer
 
 

@@ -17,17 +17,27 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import jinja2
 import torch
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from phi3ops import adapters, lm_head
-from phi3ops.checkpoints import MarkCompleteCallback, latest_complete
+from phi3ops.checkpoints import CheckpointError, MarkCompleteCallback, latest_complete
 from phi3ops.config import LaunchConfig, ModelConfig, PipelineConfig, TrainingConfig
-from phi3ops.errors import Phi3opsError
+from phi3ops.errors import (
+    ConfigError,
+    DataError,
+    ModelNotAvailableError,
+    Phi3opsError,
+    TemplateError,
+    TrainingSetupError,
+)
 from phi3ops.modeling import load_model, load_tokenizer, resolve_dtype
+from phi3ops.preflight import check_runtime
 from phi3ops.preprocess import load_processed
+from phi3ops.templates import plan_training_template
 from phi3ops.throughput import ThroughputCallback, matmul_flops_per_s, train_flops_per_token
 
 log = logging.getLogger(__name__)
@@ -146,30 +156,16 @@ def save_adapter(trainer: SFTTrainer, out_dir: Path) -> None:
     trainer.processing_class.save_pretrained(str(out_dir))
 
 
-def check_runtime(cfg: PipelineConfig) -> None:
-    """Fail at once, with the fix, for settings this machine cannot run."""
-    if cfg.model.quantization is not None:
-        if not torch.cuda.is_available():
-            raise Phi3opsError(
-                f"pipeline '{cfg.name}': 4-bit QLoRA (model.quantization) needs a CUDA GPU and "
-                "bitsandbytes; this machine has no CUDA device. Use pipelines/phi3-mini-lora.yaml "
-                "on a GPU without quantisation, or pipelines/tiny-cpu.yaml on CPU.")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise Phi3opsError("model.quantization needs bitsandbytes: pip install "
-                               "'bitsandbytes>=0.45'") from None
-    if cfg.launch.strategy == "fsdp" and not torch.cuda.is_available():
-        raise Phi3opsError(f"pipeline '{cfg.name}': launch.strategy fsdp is for GPUs; on CPU use "
-                           "launch.strategy: ddp (gloo)")
-
-
 def build_trainer(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path,
                   cache_dir: Path) -> SFTTrainer:
     """Base model + adapter + data + SFT config, ready to train (tests set weights before)."""
     check_runtime(cfg)
     dtype = resolve_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model, cache_dir)
+    template = plan_training_template(tokenizer.chat_template,
+                                      cfg.training_config.assistant_only_loss)
+    if template.training is not None:  # renders the same text, with the replies marked
+        tokenizer.chat_template = template.training
     base = load_model(cfg.model, cache_dir, use_cache=cfg.training_config.use_cache,
                       quantization=cfg.model.quantization)
     set_seed(cfg.training_config.seed)  # the LoRA init too: a rerun starts from the same weights
@@ -207,6 +203,16 @@ def scored_fraction(trainer: SFTTrainer) -> float:
     return (total - sum(row.count(-100) for row in labels)) / max(total, 1)
 
 
+SETUP_FAILURES = ((TemplateError, "template"), (jinja2.TemplateError, "template"),
+                  (CheckpointError, "checkpoint"), (ModelNotAvailableError, "model"),
+                  (ConfigError, "config"), (DataError, "data"))
+
+
+def setup_failure_kind(error: Exception) -> str:
+    """What a failure before the first step was about, for the one-paragraph message."""
+    return next((kind for cls, kind in SETUP_FAILURES if isinstance(error, cls)), "setup")
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
@@ -214,8 +220,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def train(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
           log_metrics: MetricsLogger | None = None) -> TrainResult:
-    """Train a LoRA adapter on the processed train split; returns where the adapter was saved."""
-    trainer = build_trainer(cfg, dataset_dir, out_dir, cache_dir)
+    """Train a LoRA adapter on the processed train split; returns where the adapter was saved.
+
+    A failure before the first step (config, template, model, data) is a TrainingSetupError:
+    the same inputs fail the same way, so callers never retry it. A failure while training
+    (a crash, out of memory, a kill) is not, and a retry resumes from the last checkpoint."""
+    try:
+        trainer = build_trainer(cfg, dataset_dir, out_dir, cache_dir)
+        resume = latest_complete(out_dir / "checkpoints")  # verified before anything is unpickled
+    except Exception as e:
+        detail = str(e) if isinstance(e, Phi3opsError) else f"{type(e).__name__}: {e}"
+        raise TrainingSetupError(setup_failure_kind(e),
+                                 f"training could not start: {detail}") from e
     model = trainer.model
     peak = matmul_flops_per_s(resolve_dtype(cfg.model.dtype), trainer.args.device)
     trainer.add_callback(ThroughputCallback(
@@ -224,7 +240,6 @@ def train(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path
     if log_metrics:
         trainer.add_callback(MetricsCallback(log_metrics))  # after throughput: sees its numbers
 
-    resume = latest_complete(out_dir / "checkpoints")  # verified before anything is unpickled
     trainable, total = count_parameters(model)
     log.info("training %d of %d parameters (%.2f%%) with %s%s", trainable, total,
              100 * trainable / total, cfg.adapter.backend,

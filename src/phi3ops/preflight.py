@@ -1,0 +1,43 @@
+"""What can be known wrong before any stage runs: the machine, the weights, the chat template.
+
+    phi3ops run      # runs this first, in seconds, before Prefect starts or data is versioned
+
+A run that would fail an hour in, inside a training child, fails here instead with the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from phi3ops.config import PipelineConfig
+from phi3ops.errors import Phi3opsError
+from phi3ops.modeling import load_tokenizer
+from phi3ops.templates import TemplatePlan, plan_training_template
+
+
+def check_runtime(cfg: PipelineConfig) -> None:
+    """Fail at once, with the fix, for settings this machine cannot run."""
+    if cfg.model.quantization is not None:
+        if not torch.cuda.is_available():
+            raise Phi3opsError(
+                f"pipeline '{cfg.name}': 4-bit QLoRA (model.quantization) needs a CUDA GPU and "
+                "bitsandbytes; this machine has no CUDA device. Use pipelines/phi3-mini-lora.yaml "
+                "on a GPU without quantisation, or pipelines/tiny-cpu.yaml on CPU.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise Phi3opsError("model.quantization needs bitsandbytes: pip install "
+                               "'bitsandbytes>=0.45'") from None
+    if cfg.launch.strategy == "fsdp" and not torch.cuda.is_available():
+        raise Phi3opsError(f"pipeline '{cfg.name}': launch.strategy fsdp is for GPUs; on CPU use "
+                           "launch.strategy: ddp (gloo)")
+
+
+def preflight(cfg: PipelineConfig, models_dir: Path) -> TemplatePlan:
+    """Runtime, base model (builds the tiny one on first use) and the training template."""
+    check_runtime(cfg)
+    tokenizer = load_tokenizer(cfg.model, models_dir)  # a missing model fails here, with its fix
+    return plan_training_template(tokenizer.chat_template,
+                                  cfg.training_config.assistant_only_loss)
