@@ -129,3 +129,12 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer_dir(tmp_path_factory) -> Path:
+    """Phi-3's real tokenizer, built from llama.cpp's vocabulary and checked against its
+    reference vectors (the archive is downloaded once into ~/.cache/phi3ops)."""
+    from phi3ops.phi3_tokenizer import ensure_phi3_tokenizer
+
+    return ensure_phi3_tokenizer(tmp_path_factory.mktemp("phi3-tokenizer"))
