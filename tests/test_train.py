@@ -206,3 +206,16 @@ def test_a_reply_that_fits_max_new_tokens_is_never_cut(trained, tiny_models):
     needed = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in free) + 1
     assert needed < 64, "the replies stop on <|end|> by themselves"
     assert generate_replies(model, tokenizer, prompts, max_new_tokens=needed, batch_size=3) == free
+
+
+@pytest.mark.parametrize("backend", ["peft", "loralib"])
+def test_a_misspelt_target_module_fails_instead_of_adapting_fewer_layers(
+        backend, tiny_config, tiny_models):
+    """peft alone would adapt o_proj and skip `qkv` without a word."""
+    from phi3ops.errors import ConfigError
+    from phi3ops.modeling import load_model
+
+    cfg = load_config(REPO / "pipelines" / "tiny-cpu.yaml",
+                      ["peft_config.target_modules=[qkv, o_proj]"])
+    with pytest.raises(ConfigError, match=r"\['qkv'\] match no Linear layer.*qkv_proj"):
+        adapters.attach(load_model(cfg.model, tiny_models), cfg.peft_config, backend)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from phi3ops.config import PeftLoraConfig
-from phi3ops.errors import Phi3opsError
+from phi3ops.errors import ConfigError, Phi3opsError
 
 LORALIB_WEIGHTS = "lora.safetensors"
 LORALIB_CONFIG = "loralib_config.json"
@@ -36,8 +36,20 @@ def build_lora_config(cfg: PeftLoraConfig) -> LoraConfig:
     )
 
 
+def check_target_modules(model: nn.Module, cfg: PeftLoraConfig) -> None:
+    """Every target must name a Linear layer: peft adapts the targets it finds and silently
+    skips a misspelt one, so a typo would train a fraction of the layers meant."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    unknown = [t for t in cfg.target_modules if not any(f".{n}".endswith(f".{t}") for n in linears)]
+    if unknown:
+        raise ConfigError(f"peft_config.target_modules: {unknown} match no Linear layer of "
+                          f"{type(model).__name__}; its Linear layers are "
+                          f"{sorted({name.rsplit('.', 1)[-1] for name in linears})}")
+
+
 def attach(model: PreTrainedModel, cfg: PeftLoraConfig, backend: str) -> nn.Module:
     """Wrap the targets of a frozen base with trainable LoRA weights (fp32, as peft keeps them)."""
+    check_target_modules(model, cfg)
     if backend == "peft":
         return get_peft_model(model, build_lora_config(cfg))
     return attach_loralib(model, cfg, lora_dtype=torch.float32)

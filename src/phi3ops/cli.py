@@ -5,6 +5,7 @@
     phi3ops chat --alias champion "What is the capital of France?"
     phi3ops evaluate --model models:/phi3ops-chat@champion
     phi3ops promote --version 3 | phi3ops promote --rollback
+    phi3ops plan --pipeline pipelines/phi3-mini-lora.yaml --gpu H200   # size a run, no weights
     phi3ops data add PATH | version | status | validate PATH | diff REV_A REV_B
 """
 
@@ -30,6 +31,11 @@ app.add_typer(data_app, name="data")
 Root = Annotated[Path, typer.Option(help="project root (holds mlflow.yaml, data.dvc, flows/)")]
 Pipeline = Annotated[Path, typer.Option(help="pipeline YAML, relative to the root")]
 DEFAULT_PIPELINE = Path("pipelines/tiny-cpu.yaml")
+
+
+def load_pipeline(paths: ProjectPaths, pipeline: Path, overrides: list[str] | None = None):
+    """The pipeline config, its relative paths (a chat template file) read from the root."""
+    return load_config(paths.pipeline(pipeline), overrides, paths.root)
 
 
 def load_flow_module(root: Path):
@@ -78,16 +84,19 @@ def train(
     from phi3ops.data import checkout_version
     from phi3ops.launch import run_training
     from phi3ops.modeling import load_tokenizer
+    from phi3ops.preflight import preflight
     from phi3ops.preprocess import preprocess
-    from phi3ops.train import check_runtime
 
     paths = ProjectPaths(root)
     extra = [f"launch.nproc={nproc}"] if nproc else []
-    cfg = load_config(paths.pipeline(pipeline), [*(overrides or []), *extra])
-    check_runtime(cfg)  # QLoRA or FSDP without CUDA: say so before fetching anything
+    cfg = load_pipeline(paths, pipeline, [*(overrides or []), *extra])
+    template = preflight(cfg, paths.models)  # machine, weights, template: before fetching data
     dataset = checkout_version(paths.root, cfg.data, data_rev)
     tokenizer = load_tokenizer(cfg.model, paths.models)
     prep = preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer, paths.processed)
+    if note := template.system_note(prep.messages_by_role.get("system", 0),
+                                    prep.n_train + prep.n_test):
+        typer.echo(f"warning: {note}", err=True)
     out_dir = (out or paths.runs / f"train-{cfg.name}-{cfg.config_hash()}").resolve()
     typer.echo(f"training {cfg.adapter.backend} adapter on {cfg.launch.nproc} process(es); "
                f"log: {out_dir / 'train.log'}")
@@ -113,7 +122,7 @@ def evaluate(
     from phi3ops.train import load_adapter_model
 
     paths = ProjectPaths(root)
-    cfg = load_config(paths.pipeline(pipeline))
+    cfg = load_pipeline(paths, pipeline)
     dataset = checkout_version(paths.root, cfg.data, data_rev)
     tokenizer = load_tokenizer(cfg.model, paths.models)
     prep = preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer, paths.processed)
@@ -166,6 +175,28 @@ def promote(
                f"{decision.reason}")
 
 
+@app.command()
+def plan(
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+    gpu: Annotated[str, typer.Option(
+        help="A100, H100 (SXM), H200, L4, or cpu: this machine")] = "H100",
+    mfu: Annotated[float, typer.Option(
+        min=0.01, max=1.0, help="model FLOPs utilisation to assume")] = 0.4,
+    tokens: Annotated[int | None, typer.Option(
+        min=1, help="tokens per epoch; skips reading the data")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+):
+    """Size a run without its weights: memory per GPU, FLOPs per token, hours per epoch."""
+    from dataclasses import asdict
+
+    from phi3ops.plan import build_plan
+
+    paths = ProjectPaths(root)
+    result = build_plan(load_pipeline(paths, pipeline, overrides), paths, gpu, mfu, tokens)
+    typer.echo(json.dumps(asdict(result), indent=2) if as_json else result.render())
+
+
 def _report_recorded(version, before: str | None) -> None:
     typer.echo(f"{version.md5}  {version.n_rows} rows in {version.n_files} files")
     if before != version.md5:
@@ -181,7 +212,7 @@ def data_version(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
     from phi3ops.data import record_version
 
     paths = ProjectPaths(root)
-    _report_recorded(*record_version(paths.root, load_config(paths.pipeline(pipeline)).data))
+    _report_recorded(*record_version(paths.root, load_pipeline(paths, pipeline).data))
 
 
 @data_app.command("add")
@@ -197,7 +228,7 @@ def data_add(
     from phi3ops.ingest import Columns, import_dataset
 
     paths = ProjectPaths(root)
-    cfg = load_config(paths.pipeline(pipeline)).data
+    cfg = load_pipeline(paths, pipeline).data
     columns = Columns(prompt_column, response_column, system_column)
     for path in import_dataset(source, paths.root / cfg.path, columns):
         typer.echo(f"wrote {path}")
@@ -210,7 +241,7 @@ def data_status(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
     from phi3ops.data import remote_missing, verify_workspace
 
     paths = ProjectPaths(root)
-    cfg = load_config(paths.pipeline(pipeline)).data
+    cfg = load_pipeline(paths, pipeline).data
     md5 = verify_workspace(paths.root, cfg)
     typer.echo(f"{cfg.path}/ matches {cfg.dvc_file} ({md5})")
     missing = remote_missing(paths.root, cfg)
@@ -231,7 +262,7 @@ def data_diff(
     from phi3ops.drift import diff_dirs
 
     paths = ProjectPaths(root)
-    cfg = load_config(paths.pipeline(pipeline)).data
+    cfg = load_pipeline(paths, pipeline).data
     a, b = (checkout_version(paths.root, cfg, rev) for rev in (rev_a, rev_b))
     typer.echo(diff_dirs(Path(a.path), Path(b.path), rev_a, rev_b).markdown())
 
@@ -247,7 +278,7 @@ def data_validate(
     from phi3ops.validation import TooManyRejectedError, jsonl_files, validate_files
 
     paths = ProjectPaths(root)
-    max_fraction = load_config(paths.pipeline(pipeline)).preprocess.max_reject_fraction
+    max_fraction = load_pipeline(paths, pipeline).preprocess.max_reject_fraction
     report = validate_files(jsonl_files(path), Path.cwd(), quarantine)
     typer.echo(report.summary())
     if report.n_rejected:
