@@ -90,3 +90,18 @@ def test_qlora_without_cuda_stops_at_once():
     assert result.returncode == 2
     assert "4-bit QLoRA (model.quantization) needs a CUDA GPU" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_template_without_markers_stops_before_any_stage(project):
+    """A chat template phi3ops does not know, with assistant-only loss: exit 2 in seconds, the
+    fix named, and nothing versioned, tracked or trained."""
+    (project / "chatml.jinja").write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}")
+    result = phi3ops("run", "--root", str(project), "model.chat_template=chatml.jinja",
+                     cwd=project)
+    assert result.returncode == 2, result.stderr
+    assert "model.chat_template" in result.stderr and "assistant_only_loss" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (project / "data").exists() and not (project / "mlruns.db").exists()
+    assert not (project / "runs").exists()
