@@ -18,7 +18,8 @@ export DO_NOT_TRACK := 1
 
 PREFECT_PORT ?= 4200
 
-.PHONY: install run test test-fast ui schedule lint clean
+.PHONY: install phi3-tokenizer run test test-fast ui schedule lint clean gpu-wheels \
+	smoke-full-size
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +31,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: install  ## the whole retrain flow on $(PIPELINE)
+# Phi-3's real tokenizer, from llama.cpp's vocabulary in llama-cpp-python's sdist (pinned sha256,
+# checked against its reference vectors); built once into .cache/models, the archive kept in
+# ~/.cache/phi3ops. Offline: set PHI3OPS_LLAMA_CPP_SDIST to a downloaded copy.
+phi3-tokenizer: install  ## build (once) and verify Phi-3's real tokenizer
+	$(BIN)/python -m phi3ops.phi3_tokenizer .cache/models
+
+run: install phi3-tokenizer  ## the whole retrain flow on $(PIPELINE)
 	$(BIN)/phi3ops run --pipeline $(PIPELINE)
 
 test: install  ## every test, slow end-to-end ones included (what CI runs)
@@ -53,6 +60,22 @@ schedule: install  ## local Prefect server (SQLite) + the retrain deployment on 
 
 lint: install
 	$(BIN)/ruff check src flows tests bench
+
+# bench/gpu_phi3_mini.py on the lent H200 (CPython 3.12, no package index there): the wheels its
+# image lacks travel in .whl/; bench/gpu-requirements.txt lists them. Pure-Python wheels
+# (py3-none-any) come whatever the platform.
+GPU_WHEELS := .whl
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+
+gpu-wheels:  ## the wheels for bench/gpu_phi3_mini.py on the H200, into .whl/ (one version each)
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) \
+		-d $(GPU_WHEELS) -r bench/gpu-requirements.txt
+	@du -ch $(GPU_WHEELS)/*.whl | tail -1
+
+smoke-full-size: phi3-tokenizer  ## full-size Phi-3-mini, random weights, on CPU: 2 LoRA steps + merge
+	$(BIN)/python bench/full_size_smoke.py
 
 clean:  ## generated outputs (not the venv, not the DVC remote)
 	rm -rf .cache runs mlruns.db mlartifacts
