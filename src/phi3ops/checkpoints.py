@@ -9,7 +9,6 @@ changed, added or removed since the marker was written is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from phi3ops.config import write_json_atomic
+from phi3ops.config import file_sha256, write_json_atomic
 from phi3ops.errors import Phi3opsError
 
 log = logging.getLogger(__name__)
@@ -28,14 +27,6 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointError(Phi3opsError, RuntimeError):
     """A checkpoint's files do not match its marker: it was changed after it was written."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(checkpoint: Path) -> list[str]:

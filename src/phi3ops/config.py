@@ -277,6 +277,14 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write beside `path`, then rename over it: readers see the whole file or none of it."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -14,7 +14,6 @@ back, and must reproduce every reference vector or the build stops.
 
 from __future__ import annotations
 
-import hashlib
 import html.parser
 import logging
 import os
@@ -26,7 +25,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from phi3ops.config import PHI3_VOCAB_SIZE, sha256_json
+from phi3ops.config import PHI3_VOCAB_SIZE, file_sha256, sha256_json
 from phi3ops.errors import ModelNotAvailableError
 from phi3ops.templates import PHI3_TEMPLATE
 
@@ -75,7 +74,7 @@ def fetch_sdist() -> Path:
         if given:
             raise ModelNotAvailableError(f"PHI3OPS_LLAMA_CPP_SDIST={given}: no such file")
         download(sdist_url(), path)
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     if digest != SDIST_SHA256:
         raise ModelNotAvailableError(
             f"{path}: sha256 {digest} is not the pinned {SDIST_SHA256}; the file is corrupt or "
@@ -120,14 +119,6 @@ def download(url: str, path: Path) -> None:
     with urllib.request.urlopen(url, timeout=300) as response, partial.open("wb") as out:
         shutil.copyfileobj(response, out)
     os.replace(partial, path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def extract_vocab(sdist: Path, out_dir: Path) -> Path:

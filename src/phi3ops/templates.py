@@ -106,8 +106,10 @@ def has_generation_markers(template: str | None) -> bool:
 
 def resolve_setting(value: str | None, root: Path) -> str | None:
     """`model.chat_template` as template text: a known name, a .jinja file, or Jinja itself."""
-    if value is None or value in BY_NAME:
-        return value if value is None else BY_NAME[value].original
+    if value is None:
+        return None
+    if value in BY_NAME:
+        return BY_NAME[value].original
     if value.endswith(".jinja") and "{" not in value:
         path = Path(value) if Path(value).is_absolute() else root / value
         if not path.is_file():
