@@ -148,8 +148,10 @@ def end_run(run_id: str, failed: bool = False) -> None:
     MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def with_retries(what: str, call, attempts: int = 5, first_delay: float = 1.0):
-    """Run an idempotent MLflow operation, retrying with exponential backoff; then a clear error."""
+def with_retries(what: str, call, attempts: int = 6, first_delay: float = 1.0):
+    """Run an idempotent MLflow operation, retrying with exponential backoff; then a clear error.
+    Six attempts wait 31 s in all: longer than an `mlflow server` takes to restart (17-19 s on
+    a 2-core machine)."""
     for attempt in range(attempts):
         try:
             return call()
