@@ -73,5 +73,6 @@ def test_phi3_vocab_profile_runs_end_to_end(project, mlflow_server, prefect_harn
                                                 pipeline="pipelines/phi3-vocab-cpu.yaml")
     metrics = summary["metrics"]
     assert summary["promoted"], summary["reason"]
-    assert metrics["tuned_rougeL"] > metrics["base_rougeL"] + 0.2, "fine-tuning must help"
+    # Fine-tuning helps: the bootstrap 95% interval of the gain over the base lies above zero.
+    assert metrics["delta_base_rougeL_lo"] > 0 and metrics["delta_base_rougeL"] > 0.1, metrics
     assert attempts(project, summary["run_id"]) == 1
