@@ -5,7 +5,9 @@ full-size Phi-3-mini on an H200: one definition keeps the two comparisons the sa
 
 - cookbook: the Phi-3 Cookbook's recipe on today's TRL: SFTTrainer with peft_config, batches of
   COOKBOOK_BATCH conversations padded to the longest one, no packing, gradient checkpointing,
-  bf16 autocast (the Cookbook's `bf16: True`), loss on every token.
+  loss on every token; bf16 as in the Cookbook where the run computes in bf16 (the GPU), fp32 on
+  a CPU, like the other sides: a CPU without bf16 units multiplies bf16 matrices 150x slower than
+  fp32 ones, and no one would train so.
 - trl-best: plain SFTTrainer at its best settings: best-fit-decreasing packing, padding-free
   batches, no gradient checkpointing, loss on the assistant's tokens only.
 - phi3ops: phi3ops' own path: `build_sft_config` and `Phi3opsSFTTrainer`, the adapter attached by
@@ -100,8 +102,8 @@ def _common(run: Run) -> dict:
 
 
 def cookbook_config(run: Run) -> SFTConfig:
-    return SFTConfig(per_device_train_batch_size=run.cookbook_batch, packing=False, bf16=True,
-                     gradient_checkpointing=True,
+    return SFTConfig(per_device_train_batch_size=run.cookbook_batch, packing=False,
+                     bf16=run.dtype == torch.bfloat16, gradient_checkpointing=True,
                      gradient_checkpointing_kwargs={"use_reentrant": False}, **_common(run))
 
 

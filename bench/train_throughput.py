@@ -9,8 +9,8 @@ real (non-pad) tokens. Each side runs in its own process, so peak RSS is its own
 defines the sides, shared with bench/gpu_phi3_mini.py (the full-size model on an H200):
 
 - cookbook: the Cookbook notebook on today's TRL: SFTTrainer with peft_config, padding to the
-  longest conversation in each batch of 8, no packing, gradient checkpointing on, bf16 autocast,
-  loss on every token.
+  longest conversation in each batch of 8, no packing, gradient checkpointing on, loss on every
+  token (fp32 like the other sides: see bench/sides.py).
 - trl-best: plain SFTTrainer at its best settings: best-fit-decreasing packing, padding-free
   batches, no gradient checkpointing, loss on assistant tokens, about the same real tokens per
   optimizer step; TRL's own LM head, which off Triton projects every position.
