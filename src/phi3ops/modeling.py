@@ -42,7 +42,7 @@ from phi3ops.templates import PHI3_TEMPLATE
 
 log = logging.getLogger(__name__)
 # Bump when the builder changes what it produces: the hash (and so the cache entry) changes too.
-TINY_BUILDER_VERSION = 2
+TINY_BUILDER_VERSION = 3
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>",
                   "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -105,7 +105,9 @@ def pretrain_tiny_model(
     This makes the tiny base behave like a real pretrained model: it knows the facts as prose
     but not Phi-3's chat format, which is what LoRA fine-tuning then teaches it.
     """
-    texts = [" ".join(m["content"] for m in row["messages"])
+    # One line per turn: a SentencePiece tokenizer (Phi-3's) spells a word at the start of a
+    # line without the space marker it has mid-sentence, and replies start on a new line.
+    texts = ["\n".join(m["content"] for m in row["messages"])
              for row in generate_conversations(4 * DEMO_SIZE, DEMO_SEED + 1)]
     generator = torch.Generator().manual_seed(tiny.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_learning_rate,
