@@ -39,3 +39,6 @@ class TrainingSetupError(Phi3opsError, RuntimeError):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+    def __reduce__(self):  # pickled with its kind, as Prefect may store a failed task's error
+        return type(self), (self.kind, str(self))
