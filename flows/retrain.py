@@ -44,7 +44,7 @@ from phi3ops.config import (
     sha256_json,
 )
 from phi3ops.errors import Phi3opsError
-from phi3ops.modeling import load_tokenizer, resolve_model_path
+from phi3ops.modeling import load_tokenizer
 from phi3ops.preflight import preflight
 from phi3ops.throughput import loss_curve
 
@@ -162,8 +162,7 @@ def retrain(
 def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
                data_rev: str | None, force: bool) -> dict:
     logger = get_run_logger()
-    template = preflight(cfg, paths.models)  # machine, weights, chat template: fail fast
-    model_path = resolve_model_path(cfg.model, paths.models)
+    checked = preflight(cfg, paths.models)  # machine, weights, chat template: fail fast
 
     run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
     stage, before = "version_data", None
@@ -189,8 +188,8 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         if state.name == "Cached":
             prep = replace(prep, cached=True)
         logger.info("preprocess: %s", prep.summary())
-        if note := template.system_note(prep.messages_by_role.get("system", 0),
-                                        prep.n_train + prep.n_test):
+        n_with_system = prep.messages_by_role.get("system", 0)
+        if note := checked.template.system_note(n_with_system, prep.n_train + prep.n_test):
             logger.warning(note)
         registry.log_preprocess(run_id, prep)
         stage = "train"
@@ -215,7 +214,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
             config_hash=cfg.config_hash(), code_git_rev=code_rev,
             pipeline=cfg.name, base_model=cfg.model.name_or_path,
         )
-        base_dir = Path(model_path) if Path(model_path).is_dir() else None
+        base_dir = Path(checked.model_path) if Path(checked.model_path).is_dir() else None
         card = registry.model_card(cfg, lineage, metrics)
         before = promotion.alias_snapshot(mcfg)
         with transaction() as txn:  # all of it commits, or the rollback hooks undo the aliases

@@ -90,12 +90,12 @@ def train(
     paths = ProjectPaths(root)
     extra = [f"launch.nproc={nproc}"] if nproc else []
     cfg = load_pipeline(paths, pipeline, [*(overrides or []), *extra])
-    template = preflight(cfg, paths.models)  # machine, weights, template: before fetching data
+    checked = preflight(cfg, paths.models)  # machine, weights, template: before fetching data
     dataset = checkout_version(paths.root, cfg.data, data_rev)
     tokenizer = load_tokenizer(cfg.model, paths.models)
     prep = preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer, paths.processed)
-    if note := template.system_note(prep.messages_by_role.get("system", 0),
-                                    prep.n_train + prep.n_test):
+    n_with_system = prep.messages_by_role.get("system", 0)
+    if note := checked.template.system_note(n_with_system, prep.n_train + prep.n_test):
         typer.echo(f"warning: {note}", err=True)
     out_dir = (out or paths.runs / f"train-{cfg.name}-{cfg.config_hash()}").resolve()
     typer.echo(f"training {cfg.adapter.backend} adapter on {cfg.launch.nproc} process(es); "

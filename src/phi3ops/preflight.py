@@ -7,13 +7,14 @@ A run that would fail an hour in, inside a training child, fails here instead wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from phi3ops.config import PipelineConfig
 from phi3ops.errors import Phi3opsError
-from phi3ops.modeling import load_tokenizer
+from phi3ops.modeling import load_tokenizer, resolve_model_path
 from phi3ops.templates import TemplatePlan, plan_training_template
 
 
@@ -35,9 +36,16 @@ def check_runtime(cfg: PipelineConfig) -> None:
                            "launch.strategy: ddp (gloo)")
 
 
-def preflight(cfg: PipelineConfig, models_dir: Path) -> TemplatePlan:
+@dataclass(frozen=True)
+class Preflight:
+    model_path: str  # a local directory, or the hub id when its weights are in the HF cache
+    template: TemplatePlan
+
+
+def preflight(cfg: PipelineConfig, models_dir: Path) -> Preflight:
     """Runtime, base model (builds the tiny one on first use) and the training template."""
     check_runtime(cfg)
-    tokenizer = load_tokenizer(cfg.model, models_dir)  # a missing model fails here, with its fix
-    return plan_training_template(tokenizer.chat_template,
-                                  cfg.training_config.assistant_only_loss)
+    model_path = resolve_model_path(cfg.model, models_dir)  # missing weights fail here, with fix
+    tokenizer = load_tokenizer(cfg.model, models_dir)
+    return Preflight(model_path, plan_training_template(tokenizer.chat_template,
+                                                        cfg.training_config.assistant_only_loss))
