@@ -2,6 +2,7 @@
 tokens with the real Phi-3 tokenizer, and a loss that covers each reply and its <|end|>."""
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from phi3ops.demo_data import generate_conversations
@@ -110,3 +111,38 @@ def test_loss_covers_each_reply_and_its_end_token_and_nothing_else(phi3_tokenize
     unlearned = phi3_tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
     assert "Peru" in unlearned and "Chile" in unlearned
     assert ENDOFTEXT not in learned  # pad is eos: padding can never hide a reply's tokens
+
+
+@pytest.mark.parametrize("known", KNOWN, ids=lambda t: t.name)
+def test_trl_labels_each_reply_and_its_end_and_padding_hides_none_of_it(
+        phi3_tokenizer, known, tmp_path):
+    """Through TRL's own tokenization and collator, with pad = eos and a batch that pads."""
+    from datasets import Dataset
+    from transformers import Phi3Config, Phi3ForCausalLM
+    from trl import SFTTrainer
+
+    from phi3ops.config import TrainingConfig
+    from phi3ops.train import build_sft_config
+
+    long = [{"role": "user", "content": "Name three capitals."},
+            {"role": "assistant", "content": "Lima, Paris and Tokyo."},
+            {"role": "user", "content": "One more?"}, {"role": "assistant", "content": "Rome."}]
+    short = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}]
+    phi3_tokenizer.chat_template = plan_training_template(known.original, True).training
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=32064, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=2, pad_token_id=ENDOFTEXT))
+    args = build_sft_config(TrainingConfig(learning_rate=1e-3, per_device_train_batch_size=2),
+                            torch.float32, tmp_path)
+    trainer = SFTTrainer(model=model, args=args, processing_class=phi3_tokenizer,
+                         train_dataset=Dataset.from_list([{"messages": long},
+                                                          {"messages": short}]))
+    assert phi3_tokenizer.pad_token_id == ENDOFTEXT
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    for row, replies in ((0, "Lima, Paris and Tokyo.<|end|>Rome.<|end|>"), (1, "Hello.<|end|>")):
+        labels = batch["labels"][row]
+        learned = labels[labels != -100].tolist()
+        assert phi3_tokenizer.decode(learned) == replies
+        assert learned.count(END) == replies.count("<|end|>")
+    assert (batch["labels"][1][batch["attention_mask"][1] == 0] == -100).all(), "padding"
