@@ -20,7 +20,7 @@ from tests.conftest import git
 
 pytestmark = pytest.mark.slow
 MODEL = "phi3ops-faults"  # its own model and experiment on the session's MLflow server
-WEAK = ["training_config.max_steps=20"]  # a first champion that the full default run beats
+WEAK = ["training_config.max_steps=30"]  # beats the base (ROUGE-L +0.34); the full run beats it
 
 
 def in_thread(target, *args) -> threading.Thread:
