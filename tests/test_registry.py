@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -143,6 +144,7 @@ def test_previous_champion_and_rollback(mlflow_cfg):
 
 PROMOTE_IN_A_PROCESS = """
 import sys
+import threading
 from pathlib import Path
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import RegistryError
@@ -154,10 +156,16 @@ print(promote(cfg, sys.argv[4]).promoted)
 
 
 def start_promotion(cfg, server: str, tmp_path, version: str) -> subprocess.Popen:
+    """A promotion in its own process; its stderr goes to promote-v<version>.log."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": server}
-    return subprocess.Popen([sys.executable, "-c", PROMOTE_IN_A_PROCESS, str(REPO / "mlflow.yaml"),
-                             cfg.registered_model, str(tmp_path), version],
-                            env=env, stdout=subprocess.PIPE, text=True)
+    with (tmp_path / f"promote-v{version}.log").open("w") as log:
+        return subprocess.Popen([sys.executable, "-c", PROMOTE_IN_A_PROCESS,
+                                 str(REPO / "mlflow.yaml"), cfg.registered_model, str(tmp_path),
+                                 version], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+
+
+def promotion_log(tmp_path, version: str) -> str:
+    return (tmp_path / f"promote-v{version}.log").read_text()
 
 
 @pytest.mark.parametrize("attempt", range(3))
@@ -170,9 +178,8 @@ def test_concurrent_promotions_leave_the_better_version(mlflow_cfg, mlflow_serve
     # Start the better one first on odd attempts, so neither order is always the winner's.
     order = [better, worse] if attempt % 2 else [worse, better]
     procs = [start_promotion(mlflow_cfg, mlflow_server, tmp_path, v) for v in order]
-    outputs = dict(zip(order, (p.communicate(timeout=120)[0].strip() for p in procs),
-                       strict=True))
-    assert all(p.returncode == 0 for p in procs)
+    outputs = {v: p.communicate(timeout=120)[0].strip() for v, p in zip(order, procs, strict=True)}
+    assert all(p.returncode == 0 for p in procs), [promotion_log(tmp_path, v) for v in order]
     assert alias_version(mlflow_cfg, "champion").version == better
     assert outputs[better] == "True"
     tags = MlflowClient().get_model_version(mlflow_cfg.registered_model, worse).tags
@@ -193,7 +200,7 @@ def test_a_promotion_waits_for_the_lock(mlflow_cfg, mlflow_server, tmp_path):
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=10)  # long enough for the process to start and reach the lock
         assert alias_version(mlflow_cfg, "champion") is None
-    assert proc.communicate(timeout=120)[0].strip() == "True"
+    assert proc.communicate(timeout=120)[0].strip() == "True", promotion_log(tmp_path, v1)
     assert alias_version(mlflow_cfg, "champion").version == v1
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
         MlflowClient().get_registered_model(mlflow_cfg.registered_model + ".promotion-lock")
@@ -297,3 +304,28 @@ def test_the_early_requirements_check_passes_for_the_pinned_runtime():
     assert not thread.is_alive()
     assert [w.getMessage() for w in warnings] == []
     assert {r.split("==")[0] for r in pip_requirements()} >= {"torch", "peft", "mlflow"}
+
+
+def test_the_lock_survives_being_released_while_another_creates_it(mlflow_cfg):
+    """A create that meets the lock, which is then released before the server reads the holder
+    back, fails with RESOURCE_DOES_NOT_EXIST: that is a free lock, tried again, not an error."""
+    connect(mlflow_cfg)
+    inside, overlaps, errors = [0], [], []
+
+    def hammer():
+        try:
+            for _ in range(15):
+                with promotion_lock(mlflow_cfg):
+                    inside[0] += 1
+                    overlaps.append(inside[0])
+                    inside[0] -= 1
+        except Exception as e:  # noqa: BLE001 - the test reports it below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
+    assert len(overlaps) == 60 and max(overlaps) == 1

@@ -119,6 +119,8 @@ def promotion_lock(cfg: MlflowConfig, wait_s: float = 120.0,
                 f"Held by phi3ops while it moves the aliases of {cfg.registered_model}."))
             break
         except MlflowException as e:
+            if _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
+                continue  # the server met the lock, then read it back after its release
             if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
