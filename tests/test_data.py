@@ -26,6 +26,13 @@ from tests.conftest import git
 CFG = DataConfig()
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """Overrides conftest's for `project`: the data code never loads a model, so these tests
+    do not wait for the tiny one to be built."""
+    return tmp_path_factory.mktemp("no-models")
+
+
 def row(q: str, a: str) -> str:
     return json.dumps({"messages": [{"role": "user", "content": q},
                                     {"role": "assistant", "content": a}]})

@@ -3,10 +3,12 @@
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phi3ops.validation import validate_files
+from phi3ops.errors import InvalidDataError
+from phi3ops.validation import jsonl_files, validate_files
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"},
                                 {"role": "assistant", "content": "hello"}]}).encode()
@@ -38,10 +40,17 @@ def test_folder_of_files_reports_each_file(tmp_path: Path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.jsonl").write_bytes(GOOD + b"\n{oops\n")
     (tmp_path / "d" / "b.jsonl").write_bytes(b"[1]\n" + GOOD + b"\n")
-    from phi3ops.validation import jsonl_files
-
     report = validate_files(jsonl_files(tmp_path / "d"), tmp_path, tmp_path / "q.jsonl")
     assert report.examples == ["d/a.jsonl:2: invalid_json: Expecting property name enclosed in "
                                "double quotes at column 2",
                                "d/b.jsonl:1: not_an_object: top level is list"]
     assert "2 rejected (50.0%)" in report.summary()
+
+
+def test_a_missing_path_and_an_empty_file_are_clear_errors(tmp_path: Path):
+    with pytest.raises(InvalidDataError, match=r"missing\.jsonl: no such file or folder"):
+        jsonl_files(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    report = validate_files(jsonl_files(tmp_path / "empty.jsonl"), tmp_path, tmp_path / "q.jsonl")
+    with pytest.raises(InvalidDataError, match=r"empty\.jsonl: no conversation in 0 line"):
+        report.check(max_reject_fraction=0.2)

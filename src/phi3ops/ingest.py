@@ -4,19 +4,25 @@
 
 Accepts a JSONL file, a folder of JSONL files, a `datasets` dataset saved with save_to_disk, or a
 CSV / Parquet table with prompt and response columns (and optionally a system column). JSONL is
-copied byte for byte: validation happens in preprocessing, where bad lines are quarantined with
-their file and line, so nothing is lost on the way in.
+copied byte for byte. An add is all or nothing: files are staged and validated with the rules
+preprocessing applies, and a file with no valid conversation (empty, binary, wrong columns) or
+more rejected lines than the pipeline tolerates is refused before anything reaches data/. An
+accepted file keeps its few bad lines: preprocessing quarantines them with their file and line.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3ops.errors import DataError
+from phi3ops.config import DataConfig, PreprocessConfig
+from phi3ops.data import DatasetVersion, record_version, verify_workspace
+from phi3ops.errors import DataError, InvalidDataError
+from phi3ops.validation import TooManyRejectedError, validate_files
 
 TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
 
@@ -63,8 +69,9 @@ def _check_columns(first: dict, columns: Columns, source: Path) -> None:
     wanted = [c for c in (columns.prompt, columns.response, columns.system) if c]
     missing = [c for c in wanted if c not in first]
     if missing:
-        raise DataError(f"{source}: no column(s) {missing}; it has {sorted(first)}. Name them "
-                        "with --prompt-column / --response-column / --system-column")
+        raise InvalidDataError(f"{source}: no column(s) {missing}; it has {sorted(first)}. "
+                               "Name them with --prompt-column / --response-column / "
+                               "--system-column")
 
 
 def _write_jsonl(records: Iterable[dict], out: Path, columns: Columns, source: Path) -> int:
@@ -77,35 +84,125 @@ def _write_jsonl(records: Iterable[dict], out: Path, columns: Columns, source: P
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             n += 1
     if n == 0:
-        out.unlink()
-        raise DataError(f"{source}: no rows")
+        raise InvalidDataError(f"{source}: no rows")
     return n
 
 
-def import_dataset(source: Path, data_dir: Path, columns: Columns = Columns()) -> list[Path]:
-    """Copy or convert `source` into data_dir; returns the files written. Never overwrites."""
-    if not source.exists():
-        raise DataError(f"{source}: no such file or folder")
-    data_dir.mkdir(parents=True, exist_ok=True)
+def _destinations(source: Path) -> list[tuple[Path, Path]]:
+    """(input file, path relative to data/) of every file an import writes."""
     if source.is_file() and source.suffix == ".jsonl":
-        pairs = [(source, data_dir / source.name)]
-    elif source.is_dir() and not (source / "dataset_info.json").is_file() \
+        return [(source, Path(source.name))]
+    if source.is_file() and source.suffix not in TABLE_SUFFIXES:
+        raise InvalidDataError(f"{source}: not a .jsonl, .csv or .parquet file, nor a folder; "
+                               "give chat JSONL, a table, or a `datasets` save_to_disk folder")
+    if source.is_dir() and not (source / "dataset_info.json").is_file() \
             and not (source / "dataset_dict.json").is_file():
         files = sorted(source.rglob("*.jsonl"))
         if not files:
-            raise DataError(f"{source}: a folder with no *.jsonl files and no saved dataset")
-        pairs = [(f, data_dir / source.name / f.relative_to(source)) for f in files]
-    else:
-        pairs = [(source, data_dir / f"{source.stem if source.is_file() else source.name}.jsonl")]
-    clashes = [str(dst) for _, dst in pairs if dst.exists()]
+            raise InvalidDataError(f"{source}: a folder with no *.jsonl files and no saved "
+                                   "dataset")
+        return [(f, source.name / f.relative_to(source)) for f in files]
+    return [(source, Path(f"{source.stem if source.is_file() else source.name}.jsonl"))]
+
+
+def _stage(src: Path, dst: Path, columns: Columns) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.suffix == ".jsonl":
+        shutil.copyfile(src, dst)
+        return
+    try:
+        _write_jsonl(_records(src), dst, columns, src)
+    except ValueError as e:  # pandas, pyarrow and the UTF-8 codec raise ValueError subclasses
+        raise InvalidDataError(f"{src}: cannot be read as a table or saved dataset: {e}") from None
+
+
+def _validate(src: Path, staged: Path, staging: Path, max_reject_fraction: float,
+              quarantine: Path | None) -> None:
+    """The rules preprocessing applies, file by file: one with no valid conversation, or more
+    rejected lines than the pipeline tolerates, is refused before it reaches data/."""
+    kept = staging.parent / "quarantine.jsonl"
+    report = validate_files([staged], staging, kept)
+    try:
+        report.check(max_reject_fraction)
+    except (TooManyRejectedError, InvalidDataError) as e:
+        converted = "" if src.suffix == ".jsonl" else f" (converted to {staged.name})"
+        where = ""
+        if quarantine is not None and report.n_rejected:
+            quarantine.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept, quarantine)
+            where = f" Every rejected line, with its rule: {quarantine}."
+        raise InvalidDataError(f"{src}{converted} was not added: {e}.{where}") from None
+
+
+def remove_imported(written: list[Path], data_dir: Path, keep_data_dir: bool = True) -> None:
+    """Undo an import: its files and the folders it left empty."""
+    for path in written:
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == data_dir.parent or (folder == data_dir and keep_data_dir) \
+                    or not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
+def import_dataset(source: Path, data_dir: Path, columns: Columns = Columns(),
+                   max_reject_fraction: float = PreprocessConfig().max_reject_fraction,
+                   quarantine: Path | None = None) -> list[Path]:
+    """Copy or convert `source` into data_dir, all or nothing: every file is written to a
+    staging folder beside data_dir and validated there, and only then moved in (a rename).
+    Never overwrites. Returns the files written; rejected lines go to `quarantine` on refusal."""
+    if not source.exists():
+        raise InvalidDataError(f"{source}: no such file or folder")
+    pairs = _destinations(source)
+    clashes = [str(data_dir / rel) for _, rel in pairs if (data_dir / rel).exists()]
     if clashes:
         raise DataError(f"would overwrite {clashes}; rename the source or remove them first")
-    written = []
-    for src, dst in pairs:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.suffix == ".jsonl":
-            shutil.copyfile(src, dst)
-        else:
-            _write_jsonl(_records(src), dst, columns, src)
-        written.append(dst)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".phi3ops-add-", dir=data_dir.parent) as tmp:
+        staging = Path(tmp) / "data"
+        for src, rel in pairs:
+            _stage(src, staging / rel, columns)
+            _validate(src, staging / rel, staging, max_reject_fraction, quarantine)
+        written: list[Path] = []
+        try:
+            for _, rel in pairs:
+                (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(staging / rel, data_dir / rel)
+                written.append(data_dir / rel)
+        except BaseException:
+            remove_imported(written, data_dir)
+            raise
     return written
+
+
+def add_dataset(root: Path, cfg: DataConfig, source: Path, columns: Columns = Columns(),
+                max_reject_fraction: float = PreprocessConfig().max_reject_fraction,
+                quarantine: Path | None = None,
+                ) -> tuple[DatasetVersion, str | None, list[Path]]:
+    """`phi3ops data add`: import into data/ and record the result (dvc add + dvc push), all or
+    nothing. data/ must first be the version data.dvc records: a new version is data/ as it is,
+    so one not pulled would drop the recorded rows, and one edited would slip edits in. Any
+    failure leaves data/ and data.dvc as they were, byte for byte."""
+    data_dir, dvc_file = root / cfg.path, root / cfg.dvc_file
+    if dvc_file.is_file():
+        try:
+            verify_workspace(root, cfg)
+        except DataError as e:
+            raise DataError(
+                f"not adding {source}: {e}\nA new version is {cfg.path}/ as it is, so it must "
+                f"first hold the version {cfg.dvc_file} records (`phi3ops data status` shows "
+                "what differs). Nothing was changed."
+            ) from None
+    recorded = dvc_file.read_bytes() if dvc_file.is_file() else None
+    had_data_dir = data_dir.is_dir()
+    written = import_dataset(source, data_dir, columns, max_reject_fraction, quarantine)
+    try:
+        version, before = record_version(root, cfg)
+    except BaseException:
+        remove_imported(written, data_dir, keep_data_dir=had_data_dir)
+        if recorded is None:
+            dvc_file.unlink(missing_ok=True)
+        else:
+            dvc_file.write_bytes(recorded)
+        raise
+    return version, before, written

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from phi3ops.errors import Phi3opsError
+from phi3ops.errors import InvalidDataError, Phi3opsError
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
@@ -47,6 +47,7 @@ class Rejected:
 @dataclass
 class ValidationReport:
     n_lines: int = 0
+    files: list[str] = field(default_factory=list)
     accepted: list[dict] = field(default_factory=list, repr=False)
     rejected_by_rule: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)  # the first few `file:line: rule: detail`
@@ -65,6 +66,13 @@ class ValidationReport:
                 f"{self.n_rejected} of {self.n_lines} lines rejected "
                 f"({self.reject_fraction:.1%} > max_reject_fraction {max_reject_fraction:.1%}); "
                 f"by rule: {dict(self.rejected_by_rule)}; first: {self.examples[:3]}"
+            )
+        if not self.accepted:  # an empty file: nothing rejected, nothing to train on either
+            names = ", ".join(self.files[:3]) + (" ..." if len(self.files) > 3 else "")
+            raise InvalidDataError(
+                f"{names}: no conversation in {self.n_lines} line(s). Give one JSON object per "
+                'line: {"messages": [{"role": "user", "content": "..."}, '
+                '{"role": "assistant", "content": "..."}]}'
             )
 
     def summary(self) -> str:
@@ -138,9 +146,13 @@ def read_rows(path: Path, name: str) -> Iterator[tuple[dict | None, Rejected | N
 
 def jsonl_files(path: Path) -> list[Path]:
     """A .jsonl file, or every .jsonl file under a folder, in a stable order."""
+    if not path.exists():
+        raise InvalidDataError(f"{path}: no such file or folder. Give a .jsonl file (one "
+                               "conversation per line) or a folder of them.")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*.jsonl") if p.is_file())
     if not files:
-        raise FileNotFoundError(f"{path}: no *.jsonl files")
+        raise InvalidDataError(f"{path}: a folder with no *.jsonl files. Give a .jsonl file "
+                               "(one conversation per line) or a folder of them.")
     return files
 
 
@@ -151,6 +163,7 @@ def validate_files(files: list[Path], root: Path, quarantine: Path) -> Validatio
     with quarantine.open("w", encoding="utf-8") as out:
         for path in files:
             name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+            report.files.append(name)
             for row, bad in read_rows(path, name):
                 report.n_lines += 1
                 if bad is None:
