@@ -138,3 +138,17 @@ def phi3_tokenizer_dir(tmp_path_factory) -> Path:
     from phi3ops.phi3_tokenizer import ensure_phi3_tokenizer
 
     return ensure_phi3_tokenizer(tmp_path_factory.mktemp("phi3-tokenizer"))
+
+
+@pytest.fixture
+def adapter(tmp_path, tiny_config, tiny_models) -> tuple[Path, Path]:
+    """(adapter dir, base dir): an untrained LoRA adapter on the tiny base, ready to register."""
+    from peft import get_peft_model
+
+    from phi3ops.adapters import build_lora_config
+    from phi3ops.modeling import load_model, tiny_model_dir
+
+    model = get_peft_model(load_model(tiny_config.model, tiny_models),
+                           build_lora_config(tiny_config.peft_config))
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", tiny_model_dir(tiny_config.model.tiny, tiny_models)

@@ -110,10 +110,12 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert f"rougeL       {metrics['tuned_rougeL']:.4f}" in scored.stdout
 
     # With nothing changed the run ends before training. Forced, on the same data (pinned by
-    # git rev), config and code, it registers nothing new: the key finds v1, already champion.
+    # git rev), config and code, it registers nothing new: the key finds v1, whose record and
+    # aliases stand.
     skipped = flow.retrain(root=str(project))
     assert skipped["skipped"] and skipped["version"] == first["version"]
-    assert "nothing changed since champion v1" in skipped["reason"]
+    assert skipped["reason"].startswith(
+        "nothing changed since v1 (data, config and code are the same; it was promoted")
     assert client.get_run(skipped["run_id"]).data.tags["phi3ops.skipped"] == skipped["reason"]
     assert "loss" not in client.get_run(skipped["run_id"]).data.metrics, "no training"
 
@@ -122,7 +124,8 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert second_tags["phi3ops.data_rev"] == "HEAD"
     assert second_tags["phi3ops.data_git_rev"] == git(project, "rev-parse", "HEAD")
     assert second["dataset_md5"] == first["dataset_md5"]
-    assert second["version"] == first["version"] and second["reason"] == "already champion"
+    assert second["version"] == first["version"] and not second["promoted"]
+    assert "was promoted; left as it is" in second["reason"]
     # The champion was scored on the same split in the same run, with a paired interval.
     assert second["metrics"]["champion_rougeL"] == pytest.approx(metrics["tuned_rougeL"])
     assert second["metrics"]["delta_champion_rougeL"] == pytest.approx(0.0)

@@ -3,6 +3,7 @@ local Phi-3 directory with either Phi-3 template trains and registers on the fir
 the phi3-vocab-cpu profile runs whole."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,8 +41,9 @@ def local_phi3_directory(path, tokenizer_dir, template: str):
     return path
 
 
-def attempts(project, run_id: str) -> int:
-    log = (project / "runs" / run_id / "train.log").read_text()
+def attempts(run_id: str) -> int:
+    run_dir = Path(MlflowClient().get_run(run_id).data.tags["phi3ops.run_dir"])
+    log = (run_dir / "train.log").read_text()
     return len(re.findall(r"training \d+ of \d+ parameters", log))
 
 
@@ -58,7 +60,7 @@ def test_local_phi3_directory_trains_and_registers_without_a_retry(
     summary = load_flow_module(project).retrain(
         root=str(project), overrides=[f"model.name_or_path={model_dir}", *SHORT])
 
-    assert attempts(project, summary["run_id"]) == 1
+    assert attempts(summary["run_id"]) == 1
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version(name, str(summary["version"]))
     assert version.tags["phi3ops.base_model"] == str(model_dir)
@@ -75,4 +77,4 @@ def test_phi3_vocab_profile_runs_end_to_end(project, mlflow_server, prefect_harn
     assert summary["promoted"], summary["reason"]
     # Fine-tuning helps: the bootstrap 95% interval of the gain over the base lies above zero.
     assert metrics["delta_base_rougeL_lo"] > 0 and metrics["delta_base_rougeL"] > 0.1, metrics
-    assert attempts(project, summary["run_id"]) == 1
+    assert attempts(summary["run_id"]) == 1

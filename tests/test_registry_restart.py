@@ -5,26 +5,15 @@ import time
 
 import pytest
 from mlflow import MlflowClient
-from peft import get_peft_model
 
-from phi3ops.adapters import build_lora_config
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import RegistryError
-from phi3ops.modeling import load_model, tiny_model_dir
 from phi3ops.registry import Lineage, register_adapter
 from tests.conftest import REPO, free_port, start_mlflow, stop
 
 pytestmark = pytest.mark.slow  # restarts a server and waits out the backoff
 LINEAGE = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash="c1",
                   code_git_rev="r1", pipeline="tiny-cpu", base_model="tiny-phi3")
-
-
-@pytest.fixture
-def adapter(tmp_path, tiny_config, tiny_models):
-    model = get_peft_model(load_model(tiny_config.model, tiny_models),
-                           build_lora_config(tiny_config.peft_config))
-    model.save_pretrained(tmp_path / "adapter")
-    return tmp_path / "adapter", tiny_model_dir(tiny_config.model.tiny, tiny_models)
 
 
 def test_register_is_idempotent_across_a_restart(adapter, tmp_path, monkeypatch):

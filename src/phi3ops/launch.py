@@ -7,7 +7,9 @@ process: the child gets a JSON job file, writes a JSON result, and is killed wit
 process group when `launch.timeout_s` passes. A child that fails before its first step (config,
 template, model, data) writes a JSON error with that kind instead: the caller raises it as a
 TrainingSetupError, which is never retried. A crash or timeout is retried, and the retry (the same
-`out_dir`) resumes from the newest complete checkpoint.
+`out_dir`) resumes from the newest complete checkpoint. Each rank watches the process that
+launched it and kills itself within a second of that process's death, `kill -9` included: a
+training child never outlives its run.
 
 Training metrics reach MLflow through this process: the child appends them to a JSON-lines file
 and a thread of the caller, idle while it waits, forwards new lines to the run about once a
@@ -24,15 +26,18 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from phi3ops.config import PipelineConfig, write_json_atomic
 from phi3ops.errors import TrainingSetupError
+from phi3ops.locking import process_alive, process_started
 
 log = logging.getLogger(__name__)
 JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE, METRICS_FILE = (
     "train-job.json", "train-result.json", "train-error.json", "train.log", "train-metrics.jsonl")
 FORWARD_EVERY_S = 1.0
+WATCH_PARENT_EVERY_S = 1.0
 
 
 class TrainingTimeout(TimeoutError):
@@ -89,9 +94,11 @@ def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_di
 
 def write_job(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
               write_metrics: bool = False) -> Path:
-    """The child's instructions, as JSON: config, data, where to write, whether to log."""
+    """The child's instructions, as JSON: config, data, where to write, whether to log, and
+    which process to outlive never (this one)."""
     job = {"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir),
-           "out_dir": str(out_dir), "cache_dir": str(cache_dir), "write_metrics": write_metrics}
+           "out_dir": str(out_dir), "cache_dir": str(cache_dir), "write_metrics": write_metrics,
+           "launcher": {"pid": os.getpid(), "started": process_started(os.getpid())}}
     write_json_atomic(out_dir / JOB_FILE, job)
     return out_dir / JOB_FILE
 
@@ -154,12 +161,28 @@ def _metrics_writer(out_dir: Path, enabled: bool):
     return write
 
 
+def die_with(pid: int, started: float | None) -> threading.Thread:
+    """Kill this process as soon as the launcher is gone: its own session shields it from the
+    launcher's signals, so nothing else would stop it."""
+    def watch() -> None:
+        while process_alive(pid, started):
+            time.sleep(WATCH_PARENT_EVERY_S)
+        log.error("the process that launched this training (pid %d) is gone; stopping", pid)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(job_path: str) -> int:
     """Entry point of each rank: run the job, write the result (rank 0) or the user error."""
     from phi3ops.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     job = json.loads(Path(job_path).read_text())
+    if launcher := job.get("launcher"):
+        die_with(launcher["pid"], launcher["started"])
     out_dir = Path(job["out_dir"])
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:

@@ -19,7 +19,26 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
+
 from phi3ops.errors import BusyError
+
+
+def process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None when there is none; a
+    zombie (dead, not yet reaped by its parent) is none."""
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """Is the process that had `pid` and started at `started` still running? A pid reused by a
+    later process does not count; with `started` unknown, any process with that pid does."""
+    now = process_started(pid)
+    return now is not None and (started is None or abs(now - started) < 0.01)
 
 
 def lock_path(root: Path, name: str) -> Path:

@@ -11,10 +11,15 @@ lives only while aliases move: two promotions at once run one after the other, a
 decides against the champion the first left, so the better version wins, not the last writer.
 When a retrain fails after its promotion, the flow's rollback puts the aliases back to a
 snapshot taken before it registered (`undo_promotion`, `undo_challenger`).
+
+The decision tags say where a version stands now; its history says how it got there and is
+never rewritten: `history.001` (registered), `history.002`, ... are only ever added, each with
+the time, the event and who caused it (a run, or user@host for a command).
 """
 
 from __future__ import annotations
 
+import getpass
 import logging
 import math
 import os
@@ -31,7 +36,14 @@ from mlflow.exceptions import MlflowException
 
 from phi3ops.config import MlflowConfig, PromotionPolicy
 from phi3ops.errors import RegistryError
-from phi3ops.registry import alias_version, connect, log_tags, with_retries
+from phi3ops.registry import (
+    HISTORY,
+    alias_version,
+    connect,
+    history_entry,
+    log_tags,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 PREVIOUS = "previous-champion"
@@ -100,6 +112,25 @@ def _tag(client: MlflowClient, cfg: MlflowConfig, version: str, **tags: str) -> 
         client.set_model_version_tag(cfg.registered_model, version, f"promotion.{key}", value)
 
 
+def actor() -> str:
+    """Who runs a command, for the history: user@host."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _append_history(client: MlflowClient, cfg: MlflowConfig, version: str, event: str,
+                    by: str) -> None:
+    """Add the next `history.NNN` tag. Called under the promotion lock: no two writers race."""
+    tags = client.get_model_version(cfg.registered_model, version).tags
+    number = sum(key.startswith(HISTORY) for key in tags) + 1
+    client.set_model_version_tag(cfg.registered_model, version, f"{HISTORY}{number:03d}",
+                                 history_entry(event, by))
+
+
+def history(mv: ModelVersion) -> list[str]:
+    """A version's history, oldest first."""
+    return [mv.tags[key] for key in sorted(k for k in mv.tags if k.startswith(HISTORY))]
+
+
 def _error_code(e: MlflowException) -> str:
     return str(getattr(e, "error_code", ""))
 
@@ -154,10 +185,11 @@ def _release(client: MlflowClient, name: str) -> None:
             raise
 
 
-def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
-    """Move `@champion` to `version` if the policy allows; record the decision on its tags."""
+def promote(cfg: MlflowConfig, version: str, by: str | None = None) -> PromotionDecision:
+    """Move `@champion` to `version` if the policy allows; record the decision on its tags and
+    in the history of each version it concerns."""
     connect(cfg)
-    client = MlflowClient()
+    client, by = MlflowClient(), by or actor()
     with promotion_lock(cfg):
         candidate = client.get_model_version(cfg.registered_model, version)
         champion = alias_version(cfg, cfg.champion_alias)
@@ -167,8 +199,13 @@ def promote(cfg: MlflowConfig, version: str) -> PromotionDecision:
         _tag(client, cfg, version, reason=reason, decision="promoted" if promoted else "rejected")
         if promoted:
             _point(client, cfg, cfg.champion_alias, version)
+            _append_history(client, cfg, version, f"@{cfg.champion_alias}: {reason}", by)
             if champion is not None:
                 _point(client, cfg, PREVIOUS, champion.version)
+                _append_history(client, cfg, champion.version,
+                                f"@{PREVIOUS}: v{version} took @{cfg.champion_alias}", by)
+        else:
+            _append_history(client, cfg, version, f"rejected: {reason}", by)
     return PromotionDecision(version, promoted, reason,
                              champion.version if champion is not None else None)
 
@@ -181,10 +218,10 @@ def _point(client: MlflowClient, cfg: MlflowConfig, alias: str, version: str | N
         client.delete_registered_model_alias(cfg.registered_model, alias)
 
 
-def rollback(cfg: MlflowConfig) -> PromotionDecision:
+def rollback(cfg: MlflowConfig, by: str | None = None) -> PromotionDecision:
     """`@champion` back to `@previous-champion`; the demoted version is tagged rolled-back."""
     connect(cfg)
-    client = MlflowClient()
+    client, by = MlflowClient(), by or actor()
     with promotion_lock(cfg):
         champion, previous = alias_version(cfg, cfg.champion_alias), alias_version(cfg, PREVIOUS)
         if champion is None or previous is None:
@@ -192,8 +229,11 @@ def rollback(cfg: MlflowConfig) -> PromotionDecision:
                                 f"is not set on {cfg.registered_model}")
         _point(client, cfg, cfg.champion_alias, previous.version)
         _point(client, cfg, PREVIOUS, None)
-    reason = f"rolled back to v{previous.version} by hand"
-    _tag(client, cfg, champion.version, decision="rolled-back", reason=reason)
+        reason = f"rolled back to v{previous.version} by hand"
+        _tag(client, cfg, champion.version, decision="rolled-back", reason=reason)
+        _append_history(client, cfg, champion.version, f"rolled back: {reason}", by)
+        _append_history(client, cfg, previous.version,
+                        f"@{cfg.champion_alias} again: v{champion.version} rolled back", by)
     return PromotionDecision(previous.version, True, reason, champion.version)
 
 
@@ -221,7 +261,7 @@ def alias_snapshot(cfg: MlflowConfig) -> dict[str, str | None]:
 
 
 def undo_promotion(cfg: MlflowConfig, before: dict[str, str | None], version: str,
-                   reason: str) -> bool:
+                   reason: str, by: str | None = None) -> bool:
     """Put `@champion` and `@previous-champion` back where `before` had them, if `@champion`
     still names `version` (a move by anyone else since is left alone); tag `version`
     rolled-back. True when something was undone."""
@@ -236,7 +276,8 @@ def undo_promotion(cfg: MlflowConfig, before: dict[str, str | None], version: st
             return False
         _point(client, cfg, cfg.champion_alias, before[cfg.champion_alias])
         _point(client, cfg, PREVIOUS, before[PREVIOUS])
-    _tag(client, cfg, version, decision="rolled-back", reason=reason)
+        _tag(client, cfg, version, decision="rolled-back", reason=reason)
+        _append_history(client, cfg, version, f"rolled back: {reason}", by or actor())
     log.warning("@%s back to %s from v%s: %s", cfg.champion_alias,
                 f"v{before[cfg.champion_alias]}" if before[cfg.champion_alias] else "no version",
                 version, reason)
