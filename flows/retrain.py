@@ -13,10 +13,13 @@ cached task; what Prefect persists is JSON, under .cache/prefect-results.
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from mlflow.entities.model_registry import ModelVersion
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -44,6 +47,7 @@ from phi3ops.config import (
     sha256_json,
 )
 from phi3ops.errors import Phi3opsError
+from phi3ops.mlflow_wait import DEFAULT_TIMEOUT_S, wait_for_mlflow
 from phi3ops.modeling import load_tokenizer
 from phi3ops.preflight import preflight
 from phi3ops.throughput import loss_curve
@@ -98,21 +102,33 @@ def undo_promote(txn: Transaction) -> None:
     """Rollback: `@champion` and `@previous-champion` back where they were."""
     reason = f"run {txn.get('run_id')} failed after promoting it; rolled back"
     registry.with_retries("put @champion back", lambda: promotion.undo_promotion(
-        txn.get("mlflow"), txn.get("aliases_before"), txn.get("version"), reason))
+        txn.get("mlflow"), txn.get("aliases_before"), txn.get("version"), reason,
+        by=f"run {txn.get('run_id')}"))
 
 
-def nothing_changed(mcfg: MlflowConfig, run_id: str, name: str, champion: str,
+def nothing_changed(mcfg: MlflowConfig, run_id: str, name: str, same: ModelVersion,
                     dataset_md5: str) -> dict:
-    """End a run whose data, config and code are the champion's: training would repeat it."""
-    reason = f"nothing changed since champion v{champion} (data, config and code are the same)"
+    """End a run whose data, config and code made a version already: training would repeat it."""
+    reason = (f"nothing changed since v{same.version} (data, config and code are the same; it "
+              f"was {same.tags['promotion.decision']}: {same.tags.get('promotion.reason', '')})")
     registry.log_tags(run_id, {"phi3ops.skipped": reason})
     registry.end_run(run_id)
     create_markdown_artifact(key="retrain-summary", markdown=(
         f"# retrain {name}: nothing changed\n\n{reason}; no training. Change the data "
         "(`phi3ops data add`), the config or the code, or run with `--force`.\n"))
     get_run_logger().info(reason)
-    return {"run_id": run_id, "skipped": True, "version": int(champion), "promoted": False,
+    return {"run_id": run_id, "skipped": True, "version": int(same.version), "promoted": False,
             "reason": reason, "dataset_md5": dataset_md5}
+
+
+def run_dir(paths: ProjectPaths, mcfg: MlflowConfig, dataset_md5: str, cfg: PipelineConfig,
+            code_rev: str) -> Path:
+    """Where a run trains: one directory per (model, data, config, code), so the rerun of a
+    killed run resumes from its newest complete checkpoint. A dirty tree adds its diff."""
+    diff = subprocess.run(["git", "-C", str(paths.root), "diff", "HEAD"], capture_output=True,
+                          text=True).stdout if code_rev.endswith("-dirty") else ""
+    return paths.runs / sha256_json([mcfg.registered_model, dataset_md5, cfg.config_hash(),
+                                     code_rev, diff])[:16]
 
 
 def publish_drift(mcfg: MlflowConfig, run_id: str, root: Path, data_cfg: DataConfig,
@@ -165,6 +181,8 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
     checked = preflight(cfg, paths.models)  # machine, weights, chat template: fail fast
 
     run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
+    for dead in registry.close_dead_runs(mcfg, run_id):
+        logger.warning("MLflow run %s was RUNNING, but its process is gone: marked FAILED", dead)
     stage, before = "version_data", None
     try:
         dataset = version_data(paths.root, cfg.data, data_rev)
@@ -172,7 +190,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
                                    "phi3ops.data_git_rev": dataset.git_rev,
                                    "phi3ops.data_rev": data_rev or "work tree"})
         code_rev = data.git_rev(paths.root)
-        unchanged = None if force else registry.same_as_champion(
+        unchanged = None if force else registry.already_decided(
             mcfg, dataset.md5, cfg.config_hash(), code_rev)
         if unchanged is not None:
             return nothing_changed(mcfg, run_id, cfg.name, unchanged, dataset.md5)
@@ -194,8 +212,15 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         registry.log_preprocess(run_id, prep)
         stage = "train"
         requirements_checked = registry.check_requirements_in_background()  # while it trains
-        trained = train_adapter(cfg, Path(prep.out_dir), paths.runs / run_id, paths.models,
+        out_dir = run_dir(paths, mcfg, dataset.md5, cfg, code_rev)
+        if force:  # trained from scratch, not resumed from what an earlier run left
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        registry.log_tags(run_id, {"phi3ops.run_dir": str(out_dir)})
+        trained = train_adapter(cfg, Path(prep.out_dir), out_dir, paths.models,
                                 run_id=run_id, tracking_uri=mcfg.tracking_uri)
+        if trained.resumed_from:
+            logger.info("training resumed from %s", trained.resumed_from)
+            registry.log_tags(run_id, {"phi3ops.resumed_from": trained.resumed_from})
         registry.log_figure(run_id, loss_curve(trained.history), "train/loss_curve.png")
         stage = "evaluate"
         champion = registry.load_champion(mcfg)
@@ -227,13 +252,19 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
                                        card=card)
             txn.set("version", version.version)
             if cfg.registration.merged:
-                merged_dir = merge(cfg.model, Path(trained.adapter_dir),
-                                   paths.runs / run_id / "merged", paths.models)
+                merged_dir = merge(cfg.model, Path(trained.adapter_dir), out_dir / "merged",
+                                   paths.models)
                 register_adapter(mcfg, run_id, None, merged_dir, lineage, metrics,
                                  cfg.evaluation.max_new_tokens, card=card,
                                  artifact_type="merged")
             stage = "promote"
-            decision = promote(mcfg, version.version)
+            if "promotion.decision" in version.tags:  # a rerun: that decision stands
+                decision = promotion.PromotionDecision(
+                    version.version, False, f"v{version.version} holds this data, config and "
+                    f"code already and was {version.tags['promotion.decision']}; left as it is",
+                    champion[0] if champion else None)
+            else:
+                decision = promote(mcfg, version.version, by=f"run {run_id}")
             stage = "record"
             record_decision(mcfg, run_id, decision)
     except BaseException as e:
@@ -255,7 +286,8 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
     summary = {
         "run_id": run_id, "version": int(version.version), "promoted": decision.promoted,
         "reason": decision.reason, "dataset_md5": dataset.md5, "metrics": metrics,
-        "train_loss": trained.train_loss, "rows_accepted": prep.n_accepted,
+        "train_loss": trained.train_loss, "resumed_from": trained.resumed_from,
+        "rows_accepted": prep.n_accepted,
         "rows_quarantined": prep.n_rejected,
     }
     create_markdown_artifact(
@@ -284,15 +316,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lock-timeout", type=float, metavar="SECONDS",
                         help="while another retrain of the same model runs, wait at most this "
                              "long (0: fail at once); default: wait until it ends")
+    parser.add_argument("--mlflow-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        metavar="SECONDS", help="wait at most this long for an MLflow server "
+                        "that does not answer, before any stage runs (default %(default)g)")
+    parser.add_argument("--debug", action="store_true", help="a user error's traceback too")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
     paths = ProjectPaths(args.root)
     try:  # fail before Prefect starts, with the fix in the message rather than a traceback
         preflight(load_config(paths.pipeline(args.pipeline), args.overrides, paths.root),
                   paths.models)
+        wait_for_mlflow(load_mlflow_config(paths.pipeline("mlflow.yaml")).resolved(
+            paths.root).tracking_uri, args.mlflow_timeout)
         return retrain(pipeline=args.pipeline, overrides=args.overrides, root=args.root,
                        data_rev=args.data_rev, force=args.force, lock_timeout_s=args.lock_timeout)
     except Phi3opsError as e:  # a user's mistake: one paragraph, no traceback, exit 2
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

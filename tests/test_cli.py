@@ -59,6 +59,7 @@ def test_data_validate_reports_rules_and_exit_code(tmp_path):
 def test_data_add_then_status(project, tmp_path):
     (tmp_path / "faq.csv").write_text("question,answer\nWhat is DVC?,Data version control.\n")
     assert phi3ops("data", "status", "--root", str(project)).returncode == 2, "no data/ yet"
+    assert phi3ops("data", "pull", "--root", str(project)).returncode == 0
     added = phi3ops("data", "add", str(tmp_path / "faq.csv"), "--prompt-column", "question",
                     "--response-column", "answer", "--root", str(project))
     assert added.returncode == 0, added.stderr

@@ -5,6 +5,7 @@
     phi3ops chat --alias champion "What is the capital of France?"
     phi3ops evaluate --model models:/phi3ops-chat@champion
     phi3ops promote --version 3 | phi3ops promote --rollback
+    phi3ops trust --version 2      # record the file hashes of a version registered before them
     phi3ops plan --pipeline pipelines/phi3-mini-lora.yaml --gpu H200   # size a run, no weights
     phi3ops data add PATH | version | status | validate PATH | diff REV_A REV_B
 """
@@ -31,6 +32,24 @@ app.add_typer(data_app, name="data")
 Root = Annotated[Path, typer.Option(help="project root (holds mlflow.yaml, data.dvc, flows/)")]
 Pipeline = Annotated[Path, typer.Option(help="pipeline YAML, relative to the root")]
 DEFAULT_PIPELINE = Path("pipelines/tiny-cpu.yaml")
+MLFLOW_TIMEOUT_S = 60.0  # mlflow_wait.DEFAULT_TIMEOUT_S; not imported: `--help` stays fast
+MlflowTimeout = Annotated[float, typer.Option(
+    min=0, help="wait at most this long for an MLflow server that does not answer")]
+DEBUG, DEBUG_HELP = {"on": False}, "a user error's traceback too (else one paragraph, exit 2)"
+
+
+@app.callback()
+def options(debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False):
+    DEBUG["on"] = debug
+
+
+def mlflow_settings(paths: ProjectPaths, timeout_s: float):
+    """mlflow.yaml resolved against the root, once its server answers (or a clear error)."""
+    from phi3ops.mlflow_wait import wait_for_mlflow
+
+    mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
+    wait_for_mlflow(mcfg.tracking_uri, timeout_s)
+    return mcfg
 
 
 def load_pipeline(paths: ProjectPaths, pipeline: Path, overrides: list[str] | None = None):
@@ -58,14 +77,18 @@ def run(
     )] = None,
     force: Annotated[bool, typer.Option(
         help="train even when data, config and code are the champion's")] = False,
+    mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
 ):
     """Run the retrain flow: version data, preprocess, train, evaluate, register, promote."""
     paths = ProjectPaths(root)
-    argv = ["--pipeline", str(pipeline), "--root", str(paths.root), *(overrides or [])]
+    argv = ["--pipeline", str(pipeline), "--root", str(paths.root), *(overrides or []),
+            "--mlflow-timeout", str(mlflow_timeout)]
     if data_rev:
         argv += ["--data-rev", data_rev]
     if force:
         argv.append("--force")
+    if DEBUG["on"]:
+        argv.append("--debug")
     summary = load_flow_module(paths.root).main(argv)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -112,26 +135,30 @@ def evaluate(
              "adapter directory")],
     pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
     data_rev: Annotated[str | None, typer.Option(help="held-out split of this git rev")] = None,
+    mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
 ):
     """Score one model on the held-out split of the pipeline's data, on its own."""
-    from phi3ops.data import checkout_version
-    from phi3ops.evaluation import held_out, run_model
-    from phi3ops.modeling import load_tokenizer
-    from phi3ops.preprocess import preprocess
-    from phi3ops.registry import load_chat_model
-    from phi3ops.train import load_adapter_model
+    from phi3ops.registry import check_registered, load_chat_model
 
     paths = ProjectPaths(root)
     cfg = load_pipeline(paths, pipeline)
+    local = Path(model).is_dir()
+    if not local:  # a missing or foreign model fails here, before the data is checked out
+        mcfg = mlflow_settings(paths, mlflow_timeout)
+        check_registered(mcfg, model)
+    from phi3ops.data import checkout_version  # the heavy imports, once the model is known good
+    from phi3ops.evaluation import held_out, run_model
+    from phi3ops.modeling import load_tokenizer
+    from phi3ops.preprocess import preprocess
+    from phi3ops.train import load_adapter_model
+
     dataset = checkout_version(paths.root, cfg.data, data_rev)
     tokenizer = load_tokenizer(cfg.model, paths.models)
     prep = preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer, paths.processed)
-    if Path(model).is_dir():
+    if local:
         chat_model = load_adapter_model(cfg.model, Path(model), paths.models), tokenizer
     else:
-        mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
-        uri = model if ":/" in model else f"runs:/{model}/adapter"  # a bare run id
-        chat_model = load_chat_model(mcfg, uri)
+        chat_model = load_chat_model(mcfg, model)
     conversations = held_out(Path(prep.out_dir), cfg.evaluation)
     _, metrics, _ = run_model(*chat_model, conversations, cfg.evaluation)
     typer.echo(f"{model} on {len(conversations)} held-out conversations of {dataset.md5}:")
@@ -144,35 +171,53 @@ def chat(
     prompt: Annotated[str, typer.Argument(help="the user's message")],
     alias: Annotated[str, typer.Option(help="registry alias to load")] = "champion",
     system: Annotated[str | None, typer.Option(help="optional system prompt")] = None,
-    root: Root = Path("."),
+    root: Root = Path("."), mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
 ):
-    """Answer one prompt with the registered model behind an alias."""
+    """Answer one prompt with the registered model behind an alias.
+
+    Only a version phi3ops registered loads, with its files as recorded then (trusted_load.py).
+    """
     from phi3ops.registry import load_registered
 
-    paths = ProjectPaths(root)
-    mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
+    mcfg = mlflow_settings(ProjectPaths(root), mlflow_timeout)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
-    uri = f"models:/{mcfg.registered_model}@{alias}"
-    typer.echo(load_registered(mcfg, uri).predict({"messages": messages})[0])
+    chat_model = load_registered(mcfg, f"models:/{mcfg.registered_model}@{alias}")
+    typer.echo(chat_model.predict(None, {"messages": messages})[0])
 
 
 @app.command()
 def promote(
     version: Annotated[str | None, typer.Option(help="registered version to promote")] = None,
     rollback: Annotated[bool, typer.Option(help="@champion back to @previous-champion")] = False,
-    root: Root = Path("."),
+    root: Root = Path("."), mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
 ):
     """Move @champion to a version if it wins under the policy, or roll it back."""
     from phi3ops import promotion
+    from phi3ops.registry import check_registered
 
     if (version is None) == (not rollback):
         raise ConfigError("give exactly one of --version N and --rollback")
-    paths = ProjectPaths(root)
-    mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
+    mcfg = mlflow_settings(ProjectPaths(root), mlflow_timeout)
+    if version is not None:  # it exists, and phi3ops registered it: never crown a foreign one
+        check_registered(mcfg, f"models:/{mcfg.registered_model}/{version}")
     decision = promotion.rollback(mcfg) if rollback else promotion.promote(mcfg, version)
     typer.echo(f"v{decision.version}: {'promoted' if decision.promoted else 'not promoted'}: "
                f"{decision.reason}")
+
+
+@app.command()
+def trust(
+    version: Annotated[str, typer.Option(help="registered version to record")],
+    root: Root = Path("."), mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
+):
+    """Record the sha256 of a version's files as they are now, for a version registered before
+    phi3ops recorded them; later loads check them. Only for files you know are unchanged."""
+    from phi3ops.trusted_load import record_manifest
+
+    mcfg = mlflow_settings(ProjectPaths(root), mlflow_timeout)
+    v = record_manifest(mcfg.tracking_uri, f"models:/{mcfg.registered_model}/{version}")
+    typer.echo(f"{v.name} v{v.version}: its files' sha256 recorded; loads check them from now on")
 
 
 @app.command()
@@ -221,34 +266,68 @@ def data_add(
     prompt_column: Annotated[str, typer.Option(help="table column of the user turn")] = "prompt",
     response_column: Annotated[str, typer.Option(help="column of the assistant turn")] = "response",
     system_column: Annotated[str | None, typer.Option(help="optional system column")] = None,
+    quarantine: Annotated[Path, typer.Option(
+        help="where the rejected lines of a refused file go")] = Path("quarantine.jsonl"),
     pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
 ):
-    """Import a dataset into data/ in the messages format, then dvc add + dvc push."""
-    from phi3ops.data import record_version
-    from phi3ops.ingest import Columns, import_dataset
+    """Import a dataset into data/ in the messages format, then dvc add + dvc push; all or
+    nothing: a refused file leaves data/ and data.dvc as they were."""
+    from phi3ops.ingest import Columns, add_dataset
 
     paths = ProjectPaths(root)
-    cfg = load_pipeline(paths, pipeline).data
+    cfg = load_pipeline(paths, pipeline)
     columns = Columns(prompt_column, response_column, system_column)
-    for path in import_dataset(source, paths.root / cfg.path, columns):
+    version, before, written = add_dataset(paths.root, cfg.data, source, columns,
+                                           cfg.preprocess.max_reject_fraction, quarantine)
+    for path in written:
         typer.echo(f"wrote {path}")
-    _report_recorded(*record_version(paths.root, cfg))
+    _report_recorded(version, before)
 
 
 @data_app.command("status")
-def data_status(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
-    """Does data/ match data.dvc (every file hashed), and does the remote hold that version?"""
-    from phi3ops.data import remote_missing, verify_workspace
+def data_status(
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="read back and hash every object on the remote (default: the "
+        "manifest and a sample of files)")] = False,
+    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+):
+    """Does data/ match data.dvc (every file hashed), and does the remote hold that version
+    intact (objects read back and hashed)? Exit 1 on a remote problem, 2 on a workspace one."""
+    from phi3ops.data import REMOTE_SAMPLE, remote_status, verify_workspace
+    from phi3ops.errors import DataError
 
     paths = ProjectPaths(root)
     cfg = load_pipeline(paths, pipeline).data
-    md5 = verify_workspace(paths.root, cfg)
-    typer.echo(f"{cfg.path}/ matches {cfg.dvc_file} ({md5})")
-    missing = remote_missing(paths.root, cfg)
-    if missing:
-        typer.echo(f"remote is missing {len(missing)} object(s): run `dvc push`", err=True)
+    workspace_error = None
+    try:
+        md5 = verify_workspace(paths.root, cfg)
+        typer.echo(f"{cfg.path}/ matches {cfg.dvc_file} ({md5})")
+    except DataError as e:  # the remote is still worth reporting: a pull would read it
+        if not (paths.root / cfg.dvc_file).is_file():
+            raise
+        workspace_error = e
+        typer.echo(f"error: {e}", err=True)
+    check = remote_status(paths.root, cfg, sample=None if verify else REMOTE_SAMPLE)
+    if problems := check.problems():
+        typer.echo(f"error: {problems}", err=True)
+    if workspace_error is not None:
+        raise typer.Exit(2)
+    if problems:
         raise typer.Exit(1)
-    typer.echo("remote holds this version")
+    typer.echo(f"remote holds this version ({check.n_hashed} of {check.n_objects} objects read "
+               "back and hashed)")
+
+
+@data_app.command("pull")
+def data_pull(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
+    """Restore data/ to the version data.dvc records, as a run does: dvc pull (the seeded demo
+    dataset where the remote truly lacks it), every file hashed, the remote checked."""
+    from phi3ops.data import checkout_version
+
+    paths = ProjectPaths(root)
+    version = checkout_version(paths.root, load_pipeline(paths, pipeline).data)
+    typer.echo(f"{version.md5}  {version.n_rows} rows in {version.n_files} files "
+               f"({version.source})")
 
 
 @data_app.command("diff")
@@ -274,7 +353,8 @@ def data_validate(
         "quarantine.jsonl"),
     pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
 ):
-    """Check every line; rejected lines go to the quarantine file with file, line and rule."""
+    """Check every line; rejected lines go to the quarantine file with file, line and rule.
+    Exit 1 when more are rejected than allowed; 2 when the path is missing or has no line."""
     from phi3ops.validation import TooManyRejectedError, jsonl_files, validate_files
 
     paths = ProjectPaths(root)
@@ -305,7 +385,9 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         app()
-    except Phi3opsError as e:
+    except Phi3opsError as e:  # a user's mistake: one paragraph, exit 2; --debug: traceback too
+        if DEBUG["on"]:
+            raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
 

@@ -16,6 +16,11 @@ class DataError(Phi3opsError, RuntimeError):
     """The dataset cannot be versioned or fetched; the message says what to do."""
 
 
+class InvalidDataError(DataError):
+    """A data file given as input is missing, empty or not chat data; the message names the
+    file and the line and rule broken."""
+
+
 class ModelNotAvailableError(Phi3opsError, RuntimeError):
     """The configured base model cannot be loaded here; the message says how to fix it."""
 

@@ -8,9 +8,12 @@ Every registered version gets `@challenger`; promotion.py decides whether `@cham
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
@@ -26,11 +29,14 @@ from mlflow.utils.time import get_current_time_millis
 
 from phi3ops.config import MlflowConfig, PipelineConfig, sha256_json
 from phi3ops.errors import RegistryError
+from phi3ops.locking import process_alive, process_started
 from phi3ops.preprocess import PreprocessResult
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
+from phi3ops.trusted_load import MANIFEST_TAG, artifact_manifest, inspect_version, load_verified
 
 log = logging.getLogger(__name__)
 SIGNATURE = infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."])  # messages in
+HISTORY = "history."  # a version's append-only history: history.001, history.002, ...
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "loralib", "accelerate", "safetensors",
                     "tokenizers", "mlflow", "pandas")
 
@@ -83,7 +89,7 @@ def start_run(cfg: MlflowConfig, pipeline: PipelineConfig, run_name: str | None 
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name=run_name,
                             tags={"phi3ops.pipeline": pipeline.name,
-                                  "phi3ops.config_hash": pipeline.config_hash()})
+                                  "phi3ops.config_hash": pipeline.config_hash(), **owner_tags()})
     run_id = run.info.run_id
     params = {"model.name_or_path": pipeline.model.name_or_path}
     for section in ("training_config", "peft_config"):
@@ -148,6 +154,42 @@ def end_run(run_id: str, failed: bool = False) -> None:
     MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
+def history_entry(event: str, by: str) -> str:
+    return f"{datetime.now(UTC).isoformat(timespec='seconds')} {event} (by {by})"
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run, so that a later run can tell when it died without ending it."""
+    pid = os.getpid()
+    return {"phi3ops.host": socket.gethostname(), "phi3ops.pid": str(pid),
+            "phi3ops.pid_started": repr(process_started(pid))}
+
+
+def close_dead_runs(cfg: MlflowConfig, closer_run_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this experiment whose process on this host is gone (a
+    `kill -9`, a power cut): MLflow never hears of such a death. Each gets tags saying who closed
+    it and when. Runs of other hosts are left alone: their processes cannot be checked here."""
+    client, host = MlflowClient(), socket.gethostname()
+    running = client.search_runs(
+        [connect(cfg)], filter_string=f"attributes.status = 'RUNNING' and "
+                                      f"tags.`phi3ops.host` = '{host}'")
+    closed = []
+    for run in running:
+        tags = run.data.tags
+        started = tags.get("phi3ops.pid_started", "None")
+        if run.info.run_id == closer_run_id or process_alive(
+                int(tags.get("phi3ops.pid", 0)), None if started == "None" else float(started)):
+            continue
+        log_tags(run.info.run_id, {
+            "phi3ops.closed_by": f"run {closer_run_id} ({host}, pid {os.getpid()})",
+            "phi3ops.closed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "phi3ops.closed_reason": f"its process (pid {tags.get('phi3ops.pid')} on {host}) "
+                                     "is gone; it died without ending the run"})
+        end_run(run.info.run_id, failed=True)
+        closed.append(run.info.run_id)
+    return closed
+
+
 def with_retries(what: str, call, attempts: int = 6, first_delay: float = 1.0):
     """Run an idempotent MLflow operation, retrying with exponential backoff; then a clear error.
     Six attempts wait 31 s in all: longer than an `mlflow server` takes to restart (17-19 s on
@@ -163,10 +205,10 @@ def with_retries(what: str, call, attempts: int = 6, first_delay: float = 1.0):
             time.sleep(delay)
 
 
-def registration_key(lineage: Lineage, artifact_type: str) -> str:
+def registration_key(dataset_md5: str, config_hash: str, code_rev: str,
+                     artifact_type: str = "adapter") -> str:
     """Same data, config and code give the same key, and so the same registered version."""
-    return sha256_json([lineage.dataset_md5, lineage.config_hash, lineage.code_git_rev,
-                        artifact_type])[:16]
+    return sha256_json([dataset_md5, config_hash, code_rev, artifact_type])[:16]
 
 
 def find_version(cfg: MlflowConfig, name: str, key: str) -> ModelVersion | None:
@@ -219,7 +261,10 @@ def register_adapter(
     `<name>-merged`, without aliases: promotion is decided on the adapter."""
     with_retries("reach MLflow", lambda: connect(cfg))
     name = cfg.registered_model if artifact_type == "adapter" else f"{cfg.registered_model}-merged"
-    key = registration_key(lineage, artifact_type)
+    key = registration_key(lineage.dataset_md5, lineage.config_hash, lineage.code_git_rev,
+                           artifact_type)
+
+    existed = find_version(cfg, name, key) is not None  # a rerun: its aliases stay as they are
 
     def register_once() -> ModelVersion:
         existing = find_version(cfg, name, key)
@@ -241,6 +286,10 @@ def register_adapter(
         # Lineage, key and metrics are set with the version itself, so none is ever missing.
         tags = {**lineage.tags(), "phi3ops.artifact_type": artifact_type,
                 "phi3ops.run_id": run_id, "phi3ops.registration_key": key,
+                MANIFEST_TAG: artifact_manifest(adapter_dir, base_dir),  # checked on every load
+                f"{HISTORY}001": history_entry("registered" + (
+                    f", @{cfg.challenger_alias}" if artifact_type == "adapter" else ""),
+                    f"run {run_id}"),
                 **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()}}
         if evaluated_against is not None:  # the champion scored on the same split in this run
             tags["phi3ops.evaluated_against"] = evaluated_against
@@ -251,7 +300,7 @@ def register_adapter(
     client = MlflowClient()
     with_retries("describe the version", lambda: client.update_model_version(
         name, version.version, description=card))
-    if artifact_type == "adapter":
+    if artifact_type == "adapter" and not existed:  # never back to an older version
         with_retries("set @challenger", lambda: client.set_registered_model_alias(
             name, cfg.challenger_alias, version.version))
     return version
@@ -264,33 +313,35 @@ def alias_version(cfg: MlflowConfig, alias: str) -> ModelVersion | None:
         return None
 
 
-def same_as_champion(cfg: MlflowConfig, dataset_md5: str, config_hash: str,
-                     code_rev: str) -> str | None:
-    """The champion's version when it was trained on this very data, config and code. A dirty
-    or unversioned work tree never matches: nothing proves its code is the same."""
+def already_decided(cfg: MlflowConfig, dataset_md5: str, config_hash: str,
+                    code_rev: str) -> ModelVersion | None:
+    """The version already trained on this very data, config and code, champion or not, once
+    its promotion was decided (a version whose run died before that is trained again: the run
+    resumes, and the decision is made). A dirty or unversioned work tree never matches: nothing
+    proves its code is the same."""
     if code_rev.endswith("-dirty") or code_rev == "unversioned":
         return None
-    champion = alias_version(cfg, cfg.champion_alias)
-    if champion is None:
-        return None
-    recorded = tuple(champion.tags.get(f"phi3ops.{k}")
-                     for k in ("dataset_md5", "config_hash", "code_git_rev"))
-    return champion.version if recorded == (dataset_md5, config_hash, code_rev) else None
+    found = find_version(cfg, cfg.registered_model,
+                         registration_key(dataset_md5, config_hash, code_rev))
+    return found if found is not None and "promotion.decision" in found.tags else None
+
+
+def check_registered(cfg: MlflowConfig, uri: str) -> ModelVersion:
+    """Before any heavy work: the version behind `uri` exists and phi3ops registered it."""
+    return inspect_version(cfg.tracking_uri, uri)
 
 
 def load_registered(cfg: MlflowConfig, uri: str):
-    """The pyfunc model behind a model URI (`models:/NAME@ALIAS`, `runs:/ID/adapter`, ...)."""
-    connect(cfg)
-    try:
-        return mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as e:
-        raise RegistryError(f"cannot load {uri} from {cfg.tracking_uri}: {e}. Run `make run` "
-                            "first, or check the alias (`phi3ops promote`).") from e
+    """The chat model (serving.Phi3ChatModel) behind `models:/NAME@ALIAS`, `models:/NAME/N` or
+    `runs:/ID/adapter`, loaded by phi3ops' own code from files checked against the hashes
+    recorded at registration. Never mlflow.pyfunc.load_model: it runs whatever code a version
+    names, and anyone who can write to the registry can add a version (trusted_load.py)."""
+    return load_verified(cfg.tracking_uri, uri)[1]
 
 
 def load_chat_model(cfg: MlflowConfig, uri: str):
     """(model, tokenizer) inside a registered phi3ops model, for scoring or generation."""
-    chat = load_registered(cfg, uri).unwrap_python_model()
+    chat = load_registered(cfg, uri)
     return chat.model, chat.tokenizer
 
 

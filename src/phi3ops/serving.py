@@ -16,6 +16,8 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
+from phi3ops.errors import RegistryError
+
 MODEL_CODE = str(Path(__file__).with_name("chat_model_code.py"))  # logged as models-from-code
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
 
@@ -34,14 +36,28 @@ class Phi3ChatModel(mlflow.pyfunc.PythonModel):
     """Loads base + adapter once; answers each conversation greedily."""
 
     def load_context(self, context):
+        """MLflow's entry (`mlflow.pyfunc.load_model`, `mlflow models serve`)."""
+        self.load_files(context.artifacts.get("adapter"), context.artifacts.get("base_model"),
+                        context.model_config or {})
+
+    def load_files(self, adapter_dir: str | None, base_dir: str | None, config: dict) -> None:
+        """The one way a registered model is loaded, by MLflow and by phi3ops' trusted loader:
+        weights from safetensors only, tokenizer and model without remote code, the adapter with
+        phi3ops' own code. A merged model has no adapter; a hub base has no base_dir."""
+        from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from phi3ops import adapters
 
-        config = context.model_config or {}
-        adapter_dir = context.artifacts.get("adapter")  # absent for a merged model
-        base = context.artifacts.get("base_model") or config["base_model"]
-        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base,
+        weights = (SAFETENSORS_WEIGHTS_NAME, adapters.LORALIB_WEIGHTS)  # peft's, loralib's
+        if adapter_dir is not None and not any((Path(adapter_dir) / w).is_file() for w in weights):
+            # Without them peft would fall back to a pickled adapter_model.bin.
+            raise RegistryError(f"{adapter_dir}: no adapter weights in safetensors "
+                                f"({' or '.join(weights)}); refusing to load it")
+        base = base_dir or config["base_model"]
+        # Training saves its tokenizer (and chat template) beside the adapter; else the base's.
+        own = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir if own else base,
                                                        trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
             base, revision=config.get("base_revision"), trust_remote_code=False,

@@ -1,0 +1,168 @@
+"""Loading from the registry trusts only what phi3ops registered, against a real MLflow server
+and the real tiny model: a version someone else added runs no code, files changed after
+registration are refused, and a genuine version still loads and answers. `adapter` (an
+untrained LoRA adapter on the tiny base) comes from conftest.py."""
+
+import json
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from phi3ops.config import file_sha256, load_mlflow_config
+from phi3ops.errors import RegistryError
+from phi3ops.registry import (
+    Lineage,
+    check_registered,
+    connect,
+    load_champion,
+    load_registered,
+    register_adapter,
+)
+from phi3ops.trusted_load import MANIFEST_TAG
+from tests.test_cli import phi3ops
+from tests.test_cli_errors import one_paragraph, own_model
+
+QUESTION = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+@pytest.fixture
+def root(tmp_path, mlflow_server, monkeypatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    own_model(tmp_path, f"trust-{uuid.uuid4().hex[:8]}")
+    return tmp_path
+
+
+def settings(root: Path):
+    return load_mlflow_config(root / "mlflow.yaml").resolved(root)
+
+
+def register_genuine(cfg, adapter, config_hash: str = "c1") -> tuple[str, str]:
+    """(version, run id) registered the way the flow registers a trained adapter."""
+    run_id = MlflowClient().create_run(connect(cfg)).info.run_id
+    lineage = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash=config_hash,
+                      code_git_rev="r1", pipeline="tiny-cpu", base_model="tiny-phi3")
+    version = register_adapter(cfg, run_id, *adapter, lineage, {"tuned_rougeL": 0.5}, 8,
+                               card="card")
+    return version.version, run_id
+
+
+def register_evil(cfg, marker: Path, alias: str, tags: dict | None = None) -> str:
+    """Someone else's cloudpickled PythonModel under phi3ops' model name: loading it through
+    MLflow runs its code, which writes `marker`."""
+
+    class Evil(mlflow.pyfunc.PythonModel):  # a local class: cloudpickle stores its code
+        def load_context(self, context):
+            marker.write_text("load_context ran")
+
+        def predict(self, context, model_input, params=None):
+            marker.write_text("predict ran")
+            return ["pwned"]
+
+    connect(cfg)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="evil", python_model=Evil(),
+                                       pip_requirements=["mlflow"])
+    version = mlflow.register_model(info.model_uri, cfg.registered_model, tags=tags).version
+    MlflowClient().set_registered_model_alias(cfg.registered_model, alias, version)
+    marker.unlink(missing_ok=True)
+    return version
+
+
+FORGED = {"phi3ops.registration_key": "k", "phi3ops.artifact_type": "adapter",
+          MANIFEST_TAG: "{}"}
+
+
+def test_chat_never_runs_code_someone_else_registered(root, tmp_path):
+    cfg, marker = settings(root), tmp_path / "marker"
+    evil = register_evil(cfg, marker, "evil")
+    result = phi3ops("chat", "--alias", "evil", "hi", "--root", str(root))
+    error = one_paragraph(result)
+    assert f"refusing {cfg.registered_model} v{evil}: it lacks phi3ops' registration tags" in error
+    assert "pwned" not in result.stdout and not marker.exists()
+
+    # With phi3ops' tags forged, its MLmodel still gives it away.
+    forged = register_evil(cfg, marker, "forged", FORGED)
+    error = one_paragraph(phi3ops("chat", "--alias", "forged", "hi", "--root", str(root)))
+    assert f"refusing {cfg.registered_model} v{forged}" in error
+    assert "not models-from-code" in error and "pickled python_model" in error
+    assert not marker.exists()
+
+
+def test_the_champion_loader_refuses_it_too(root, tmp_path):
+    cfg, marker = settings(root), tmp_path / "marker"
+    register_evil(cfg, marker, cfg.champion_alias, FORGED)
+    with pytest.raises(RegistryError, match="pickled python_model"):
+        load_champion(cfg)
+    assert not marker.exists()
+    # What the flow did before: MLflow's loader runs the version's code.
+    mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}@{cfg.champion_alias}")
+    assert marker.read_text() == "load_context ran"
+
+
+def test_a_genuine_version_loads_and_answers(root, adapter):
+    cfg = settings(root)
+    version, run_id = register_genuine(cfg, adapter)
+    MlflowClient().set_registered_model_alias(cfg.registered_model, "champion", version)
+    manifest = json.loads(MlflowClient().get_model_version(
+        cfg.registered_model, version).tags[MANIFEST_TAG])
+    adapter_dir, base_dir = adapter
+    assert manifest["adapter/adapter_model.safetensors"] == file_sha256(
+        adapter_dir / "adapter_model.safetensors")
+    assert manifest["base_model/model.safetensors"] == file_sha256(base_dir / "model.safetensors")
+    assert "chat_model_code.py" in manifest
+
+    champion_version, (model, tokenizer) = load_champion(cfg)
+    assert champion_version == version and tokenizer.chat_template
+    assert check_registered(cfg, f"runs:/{run_id}/adapter").version == version
+    # One loading implementation: phi3ops' trusted load and MLflow's pyfunc answer alike.
+    reply = load_registered(cfg, f"models:/{cfg.registered_model}/{version}").predict(
+        None, QUESTION)[0]
+    deployed = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}/{version}")
+    assert deployed.predict(QUESTION)[0] == reply and reply
+
+    chat = phi3ops("chat", "What is the capital of France?", "--root", str(root))
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip() == reply.strip()
+
+
+def test_files_changed_after_registration_are_refused(root, adapter, tmp_path):
+    cfg, client = settings(root), MlflowClient()
+    version, _ = register_genuine(cfg, adapter)
+    # A byte flipped in the artifact store, written back through MLflow's own API.
+    model_id = client.get_model_version(cfg.registered_model, version).source.removeprefix(
+        "models:/")
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes((adapter[0] / "adapter_model.safetensors").read_bytes())
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    client.log_model_artifact(model_id, str(weights), "artifacts/adapter")
+    with pytest.raises(RegistryError, match=r"changed \['adapter/adapter_model\.safetensors'\]"):
+        load_registered(cfg, f"models:/{cfg.registered_model}/{version}")
+
+    # Files as registered, but a hash tag that does not match them.
+    other, _ = register_genuine(cfg, adapter, config_hash="c2")
+    manifest = json.loads(client.get_model_version(cfg.registered_model, other).tags[
+        MANIFEST_TAG])
+    manifest["base_model/model.safetensors"] = "0" * 64
+    client.set_model_version_tag(cfg.registered_model, other, MANIFEST_TAG, json.dumps(manifest))
+    with pytest.raises(RegistryError, match=r"changed \['base_model/model\.safetensors'\]"):
+        load_registered(cfg, f"models:/{cfg.registered_model}/{other}")
+
+
+def test_a_version_registered_before_hashes_loads_once_trusted(root, adapter):
+    cfg, client = settings(root), MlflowClient()
+    version, _ = register_genuine(cfg, adapter)
+    client.delete_model_version_tag(cfg.registered_model, version, MANIFEST_TAG)
+    with pytest.raises(RegistryError, match=f"phi3ops trust --version {version}"):
+        load_registered(cfg, f"models:/{cfg.registered_model}/{version}")
+
+    trusted = phi3ops("trust", "--version", version, "--root", str(root))
+    assert trusted.returncode == 0, trusted.stderr
+    assert load_registered(cfg, f"models:/{cfg.registered_model}/{version}").predict(
+        None, QUESTION)
+    again = one_paragraph(phi3ops("trust", "--version", version, "--root", str(root)))
+    assert "already has its files' hashes" in again
