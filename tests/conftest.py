@@ -30,6 +30,16 @@ def git(root: Path, *args: str) -> str:
                           text=True).stdout.strip()
 
 
+def own_model(project: Path, name: str) -> None:
+    """Register under a model and experiment of the test's own on the shared MLflow server,
+    committed, so the project's tree stays clean."""
+    settings = project / "mlflow.yaml"
+    settings.write_text(settings.read_text().replace("registered_model: phi3ops-chat",
+                                                     f"registered_model: {name}")
+                        .replace("experiment: phi3ops", f"experiment: {name}"))
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "own model")
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from phi3ops.config import load_config

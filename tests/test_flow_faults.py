@@ -16,7 +16,7 @@ from phi3ops import locking, promotion
 from phi3ops.cli import load_flow_module
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import BusyError, RegistryError
-from tests.conftest import git
+from tests.conftest import own_model
 
 pytestmark = pytest.mark.slow
 MODEL = "phi3ops-faults"  # its own model and experiment on the session's MLflow server
@@ -40,11 +40,7 @@ def task_states(flow_run_id) -> dict[str, str]:
 def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow_server,
                                                                  prefect_harness, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    settings = project / "mlflow.yaml"
-    settings.write_text(settings.read_text().replace("registered_model: phi3ops-chat",
-                                                     f"registered_model: {MODEL}")
-                        .replace("experiment: phi3ops", f"experiment: {MODEL}"))
-    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "own model")
+    own_model(project, MODEL)
     flow = load_flow_module(project)
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     lock = locking.lock_path(project, f"retrain-{MODEL}")

@@ -12,20 +12,11 @@ from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
 from phi3ops.cli import load_flow_module
 from phi3ops.templates import PHI3_2024_04_TEMPLATE, PHI3_TEMPLATE
-from tests.conftest import git
+from tests.conftest import own_model
 
 pytestmark = pytest.mark.slow
 SHORT = ["training_config.max_steps=6", "training_config.save_steps=3",
          "evaluation.max_samples=8"]
-
-
-def own_model(project, name: str) -> None:
-    """Register under a model and experiment of the test's own on the shared MLflow server."""
-    settings = project / "mlflow.yaml"
-    settings.write_text(settings.read_text().replace("registered_model: phi3ops-chat",
-                                                     f"registered_model: {name}")
-                        .replace("experiment: phi3ops", f"experiment: {name}"))
-    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "own model")
 
 
 def local_phi3_directory(path, tokenizer_dir, template: str):

@@ -15,7 +15,7 @@ from prefect.settings import get_current_settings
 
 from phi3ops.checkpoints import MARKER
 from phi3ops.cli import load_flow_module
-from tests.conftest import git
+from tests.conftest import own_model
 
 pytestmark = pytest.mark.slow
 MODEL = "phi3ops-killed"
@@ -45,11 +45,7 @@ def wait_for(condition, what: str, timeout_s: float = 600):
 def test_a_killed_run_takes_its_training_along_and_the_rerun_resumes(
         project, mlflow_server, prefect_harness, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    settings = project / "mlflow.yaml"
-    settings.write_text(settings.read_text().replace("registered_model: phi3ops-chat",
-                                                     f"registered_model: {MODEL}")
-                        .replace("experiment: phi3ops", f"experiment: {MODEL}"))
-    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "own model")
+    own_model(project, MODEL)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": mlflow_server,
            "PREFECT_API_URL": str(get_current_settings().api.url)}
     run = subprocess.Popen([sys.executable, "-m", "phi3ops.cli", "run", "--root", str(project),
