@@ -144,6 +144,7 @@ def evaluate(
     cfg = load_pipeline(paths, pipeline)
     local = Path(model).is_dir()
     if not local:  # a missing or foreign model fails here, before the data is checked out
+        model = model if ":/" in model else f"runs:/{model}/adapter"  # a bare run id
         mcfg = mlflow_settings(paths, mlflow_timeout)
         check_registered(mcfg, model)
     from phi3ops.data import checkout_version  # the heavy imports, once the model is known good
