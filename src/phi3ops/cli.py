@@ -144,9 +144,8 @@ def evaluate(
     cfg = load_pipeline(paths, pipeline)
     local = Path(model).is_dir()
     if not local:  # a missing or foreign model fails here, before the data is checked out
-        model = model if ":/" in model else f"runs:/{model}/adapter"  # a bare run id
         mcfg = mlflow_settings(paths, mlflow_timeout)
-        check_registered(mcfg, model)
+        check_registered(mcfg, model)  # also a bare run id: the adapter that run registered
     from phi3ops.data import checkout_version  # the heavy imports, once the model is known good
     from phi3ops.evaluation import held_out, run_model
     from phi3ops.modeling import load_tokenizer
