@@ -1,7 +1,12 @@
-"""Import direction: flows/ -> phi3ops -> libraries. Nothing under src/ imports Prefect or flows."""
+"""Import direction: cli -> flows/ -> phi3ops -> libraries. Below the command line nothing under
+src/ imports Prefect or flows, and inference (evaluation, serving) imports no training code."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -17,10 +22,28 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+FRONT_DOOR = SRC / "phi3ops" / "cli.py"  # `phi3ops run` starts the flow: it sits above flows/
+
+
 def test_src_never_imports_prefect_or_flows():
     offenders = {str(p.relative_to(SRC)): sorted(imported_modules(p) & {"prefect", "flows"})
-                 for p in SRC.rglob("*.py")}
+                 for p in SRC.rglob("*.py") if p != FRONT_DOOR}
     assert {k: v for k, v in offenders.items() if v} == {}
+    assert "prefect" not in imported_modules(FRONT_DOOR)
+
+
+TRAINING = ("phi3ops.train", "phi3ops.launch", "phi3ops.lm_head")
+
+
+@pytest.mark.parametrize("module, forbidden", [
+    ("phi3ops.inference", TRAINING), ("phi3ops.evaluation", TRAINING),
+    ("phi3ops.serving", (*TRAINING, "phi3ops.evaluation", "evaluate"))])
+def test_inference_imports_no_training_code(module, forbidden):
+    code = (f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == "
+            f"'trl' or m in {forbidden!r}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 def test_files_stay_readable():

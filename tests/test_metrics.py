@@ -1,7 +1,8 @@
 import evaluate
 import pytest
 
-from phi3ops.evaluation import score, split_prompts
+from phi3ops.evaluation import score
+from phi3ops.inference import split_prompts
 from phi3ops.metrics import metric_path
 
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from phi3ops import adapters
 from phi3ops.config import load_config
-from phi3ops.evaluation import generate_replies
+from phi3ops.inference import generate_replies, load_adapter_model, merge_adapter
 from phi3ops.modeling import load_tokenizer
 from phi3ops.throughput import loss_curve
-from phi3ops.train import build_trainer, load_adapter_model, merge_adapter, train
+from phi3ops.train import build_trainer, train
 from tests.conftest import REPO
 
 STEPS = ["training_config.max_steps=40", "training_config.logging_steps=5",

@@ -23,11 +23,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from phi3ops import adapters
 from phi3ops.config import EvaluationConfig, ModelConfig
+from phi3ops.inference import generate_replies, load_adapter_model, split_prompts
 from phi3ops.metrics import metric_path
 from phi3ops.modeling import load_tokenizer
 from phi3ops.preprocess import load_processed
 from phi3ops.templates import plan_training_template
-from phi3ops.train import load_adapter_model
 
 METRICS = ("rouge", "bleu", "chrf", "exact_match")
 BOOTSTRAP_SAMPLES = 1000
@@ -44,41 +44,6 @@ class EvalResult:
         flat = {f"{m}_{k}": v for m, scores in self.metrics.items() for k, v in scores.items()}
         flat.update({f"delta_{m}_{k}": v for m, d in self.deltas.items() for k, v in d.items()})
         return flat
-
-
-def split_prompts(conversations: list[list[dict]]) -> tuple[list[list[dict]], list[str]]:
-    """Prompt = all turns before the last (assistant) turn; reference = that turn's content."""
-    return [c[:-1] for c in conversations], [c[-1]["content"] for c in conversations]
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = [tokenizer.eos_token_id]
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    if isinstance(end, int) and end != tokenizer.unk_token_id:
-        ids.insert(0, end)
-    return ids
-
-
-@torch.inference_mode()
-def generate_replies(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]],
-    max_new_tokens: int, batch_size: int,
-) -> list[str]:
-    """Greedy replies for chat prompts, batched; left padding keeps every prompt's end aligned."""
-    tokenizer.padding_side = "left"
-    replies: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                 for p in prompts[start:start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = batch.to(model.device)
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        )
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
-        replies += [r.strip() for r in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return replies
 
 
 @torch.inference_mode()

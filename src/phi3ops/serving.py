@@ -70,7 +70,7 @@ class Phi3ChatModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context, model_input: pd.DataFrame, params: dict | None = None,
     ) -> list[str]:
-        from phi3ops.evaluation import generate_replies
+        from phi3ops.inference import generate_replies
 
         params = params or {}
         return generate_replies(

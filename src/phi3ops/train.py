@@ -20,12 +20,12 @@ from pathlib import Path
 import jinja2
 import torch
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback, set_seed
+from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from phi3ops import adapters, lm_head
 from phi3ops.checkpoints import CheckpointError, MarkCompleteCallback, latest_complete
-from phi3ops.config import LaunchConfig, ModelConfig, PipelineConfig, TrainingConfig
+from phi3ops.config import LaunchConfig, PipelineConfig, TrainingConfig
 from phi3ops.errors import (
     ConfigError,
     DataError,
@@ -258,20 +258,3 @@ def train(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path
         total_params=total, world_size=trainer.args.world_size,
         history=[h for h in trainer.state.log_history if "loss" in h],
     )
-
-
-def load_adapter_model(model_cfg: ModelConfig, adapter_dir: Path, cache_dir: Path) -> nn.Module:
-    """Unquantised base weights plus a saved adapter (either backend), ready for generation."""
-    base = load_model(model_cfg, cache_dir, use_cache=True)
-    return adapters.load(base, Path(adapter_dir)).eval()
-
-
-def merge_adapter(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path,
-                  cache_dir: Path) -> Path:
-    """Fold the adapter into an unquantised copy of the base and save it (safetensors) with the
-    tokenizer: a plain transformers model for serving stacks that know no LoRA."""
-    adapted = load_adapter_model(model_cfg, adapter_dir, cache_dir)
-    merged: PreTrainedModel = adapters.merged(adapted)
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    load_tokenizer(model_cfg, cache_dir).save_pretrained(str(out_dir))
-    return out_dir
