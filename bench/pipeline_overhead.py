@@ -43,13 +43,10 @@ from prefect import flow as prefect_flow  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 
-from phi3ops.cli import load_flow_module  # noqa: E402
+import flows.retrain as retrain_flow  # noqa: E402
+from phi3ops import pipeline  # noqa: E402
 from phi3ops.config import ProjectPaths, load_config, load_mlflow_config  # noqa: E402
-from phi3ops.data import checkout_version  # noqa: E402
-from phi3ops.evaluation import evaluate_adapter  # noqa: E402
-from phi3ops.launch import run_training  # noqa: E402
-from phi3ops.modeling import ensure_tiny_model, load_tokenizer  # noqa: E402
-from phi3ops.preprocess import preprocess  # noqa: E402
+from phi3ops.modeling import ensure_tiny_model  # noqa: E402
 from phi3ops.registry import connect  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,16 +76,14 @@ def stages_only(root: Path, out: str) -> dict[str, float]:
         nonlocal last
         seconds[stage], last = time.perf_counter() - last, time.perf_counter()
 
-    dataset = checkout_version(root, cfg.data)
+    dataset = pipeline.checkout(paths, cfg)
     lap("version_data")
-    tokenizer = load_tokenizer(cfg.model, paths.models)
-    prep = preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
-                      root / out / "processed")
+    paths.processed = root / out / "processed"  # nothing reused from an earlier pass
+    prepared = pipeline.prepare(paths, cfg, dataset)
     lap("preprocess")
-    trained = run_training(cfg, Path(prep.out_dir), root / out / "run", paths.models)
+    trained = pipeline.fit(paths, cfg, prepared, root / out / "run")
     lap("train")
-    evaluate_adapter(cfg.model, cfg.evaluation, Path(prep.out_dir), Path(trained.adapter_dir),
-                     paths.models)
+    pipeline.score(paths, cfg, prepared, Path(trained.adapter_dir))
     lap("evaluate")
     return seconds
 
@@ -120,7 +115,7 @@ def one_round() -> dict:
         stages_only(root, "warm-up")  # imports and file caches warm, as for the flow after it
         plain = stages_only(root, "plain")
 
-        flow = load_flow_module(root)
+        flow = retrain_flow
         start = time.perf_counter()
         noop()
         server = time.perf_counter() - start

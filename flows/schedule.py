@@ -14,11 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from flows.retrain import retrain
 from phi3ops.config import ProjectPaths, load_config
 from phi3ops.errors import Phi3opsError
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling flow module
-from retrain import retrain  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+import flows.retrain as retrain_flow
 from phi3ops import locking, promotion
-from phi3ops.cli import load_flow_module
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import BusyError, RegistryError
 from tests.conftest import own_model
@@ -41,7 +41,7 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
                                                                  prefect_harness, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     own_model(project, MODEL)
-    flow = load_flow_module(project)
+    flow = retrain_flow
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     lock = locking.lock_path(project, f"retrain-{MODEL}")
     states = {}

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from phi3ops.cli import load_flow_module
+import flows.retrain as retrain_flow
 from phi3ops.config import DataConfig
 from phi3ops.data import DataError, record_version, recorded_md5
 from phi3ops.validation import TooManyRejectedError
@@ -52,7 +52,7 @@ def serve_and_ask(model_uri: str, env: dict) -> str:
 def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefect_harness,
                                                   monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    flow = load_flow_module(project)
+    flow = retrain_flow
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
 
     first = flow.retrain(root=str(project))

@@ -7,7 +7,7 @@ import re
 import pytest
 from prefect import flow
 
-from phi3ops.cli import load_flow_module
+import flows.retrain as retrain_flow
 from phi3ops.config import load_config
 from phi3ops.errors import TrainingSetupError
 from phi3ops.launch import LOG_FILE, TrainingTimeout
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_a_timed_out_training_is_retried_from_its_last_checkpoint(
         tmp_path, tiny_models, processed, prefect_harness):
-    module = load_flow_module(REPO)
+    module = retrain_flow
     cfg = load_config(REPO / "pipelines" / "tiny-cpu.yaml", [
         "training_config.max_steps=1000000", "training_config.save_steps=2",
         "launch.timeout_s=25"])  # never finishes: each attempt is killed after a checkpoint
@@ -40,7 +40,7 @@ def test_a_failure_before_training_is_reported_once_and_not_retried(
         tmp_path, tiny_models, processed, prefect_harness):
     """A template the trainer cannot use fails the same way every time: the child says so
     (kind 'template'), and the flow does not start a second attempt."""
-    module = load_flow_module(REPO)
+    module = retrain_flow
     cfg = load_config(REPO / "pipelines" / "tiny-cpu.yaml")
     chatml = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"chat_template": chatml})})

@@ -4,7 +4,7 @@ cached task keyed on what decides its output."""
 import pytest
 from prefect import Task
 
-from phi3ops.cli import load_flow_module
+import flows.retrain as retrain_flow
 from phi3ops.config import PreprocessConfig
 from phi3ops.modeling import load_tokenizer
 from phi3ops.preprocess import cache_key
@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 @pytest.fixture(scope="module")
 def flow_module():
-    return load_flow_module(REPO)
+    return retrain_flow
 
 
 def test_whatever_prefect_persists_is_json_under_the_project(flow_module):

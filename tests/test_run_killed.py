@@ -13,8 +13,8 @@ import pytest
 from mlflow import MlflowClient
 from prefect.settings import get_current_settings
 
+import flows.retrain as retrain_flow
 from phi3ops.checkpoints import MARKER
-from phi3ops.cli import load_flow_module
 from tests.conftest import own_model
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_a_killed_run_takes_its_training_along_and_the_rerun_resumes(
     [killed] = client.search_runs([experiment])
     assert killed.info.status == "RUNNING", "nobody told MLflow"
 
-    summary = load_flow_module(project).retrain(root=str(project), overrides=LONG)
+    summary = retrain_flow.retrain(root=str(project), overrides=LONG)
 
     killed = client.get_run(killed.info.run_id)
     assert killed.info.status == "FAILED"

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -57,17 +56,6 @@ def load_pipeline(paths: ProjectPaths, pipeline: Path, overrides: list[str] | No
     return load_config(paths.pipeline(pipeline), overrides, paths.root)
 
 
-def load_flow_module(root: Path):
-    """Import flows/retrain.py by path: the CLI is a front door; the flow stays in flows/."""
-    path = root / "flows" / "retrain.py"
-    if not path.is_file():
-        raise ConfigError(f"{path}: flow file not found (is --root the project root?)")
-    spec = importlib.util.spec_from_file_location("phi3ops_flows_retrain", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @app.command()
 def run(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
@@ -77,19 +65,22 @@ def run(
     )] = None,
     force: Annotated[bool, typer.Option(
         help="train even when data, config and code are the champion's")] = False,
+    lock_timeout: Annotated[float | None, typer.Option(
+        min=0, metavar="SECONDS", help="while another retrain of the same model runs, wait at "
+        "most this long (0: fail at once); default: wait until it ends")] = None,
     mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
 ):
     """Run the retrain flow: version data, preprocess, train, evaluate, register, promote."""
+    from phi3ops.preflight import preflight
+
     paths = ProjectPaths(root)
-    argv = ["--pipeline", str(pipeline), "--root", str(paths.root), *(overrides or []),
-            "--mlflow-timeout", str(mlflow_timeout)]
-    if data_rev:
-        argv += ["--data-rev", data_rev]
-    if force:
-        argv.append("--force")
-    if DEBUG["on"]:
-        argv.append("--debug")
-    summary = load_flow_module(paths.root).main(argv)
+    # Fail before Prefect starts, with the fix in the message rather than a traceback.
+    preflight(load_pipeline(paths, pipeline, overrides), paths.models)
+    mlflow_settings(paths, mlflow_timeout)
+    from flows.retrain import retrain
+
+    summary = retrain(pipeline=str(pipeline), overrides=overrides, root=str(paths.root),
+                      data_rev=data_rev, force=force, lock_timeout_s=lock_timeout)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -104,26 +95,20 @@ def train(
     data_rev: Annotated[str | None, typer.Option(help="dataset of this git rev or tag")] = None,
 ):
     """Train an adapter on the current dataset, outside the flow (no MLflow run, no registry)."""
-    from phi3ops.data import checkout_version
-    from phi3ops.launch import run_training
-    from phi3ops.modeling import load_tokenizer
+    from phi3ops import pipeline as stages
     from phi3ops.preflight import preflight
-    from phi3ops.preprocess import preprocess
 
     paths = ProjectPaths(root)
     extra = [f"launch.nproc={nproc}"] if nproc else []
     cfg = load_pipeline(paths, pipeline, [*(overrides or []), *extra])
     checked = preflight(cfg, paths.models)  # machine, weights, template: before fetching data
-    dataset = checkout_version(paths.root, cfg.data, data_rev)
-    tokenizer = load_tokenizer(cfg.model, paths.models)
-    prep = preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer, paths.processed)
-    n_with_system = prep.messages_by_role.get("system", 0)
-    if note := checked.template.system_note(n_with_system, prep.n_train + prep.n_test):
-        typer.echo(f"warning: {note}", err=True)
+    prepared = stages.prepare(paths, cfg, stages.checkout(paths, cfg, data_rev), checked)
+    if prepared.template_note:
+        typer.echo(f"warning: {prepared.template_note}", err=True)
     out_dir = (out or paths.runs / f"train-{cfg.name}-{cfg.config_hash()}").resolve()
     typer.echo(f"training {cfg.adapter.backend} adapter on {cfg.launch.nproc} process(es); "
                f"log: {out_dir / 'train.log'}")
-    result = run_training(cfg, Path(prep.out_dir), out_dir, paths.models)
+    result = stages.fit(paths, cfg, prepared, out_dir)
     typer.echo(json.dumps({k: v for k, v in result.to_json().items() if k != "history"},
                           indent=2))
 
@@ -146,20 +131,19 @@ def evaluate(
     if not local:  # a missing or foreign model fails here, before the data is checked out
         mcfg = mlflow_settings(paths, mlflow_timeout)
         check_registered(mcfg, model)  # also a bare run id: the adapter that run registered
-    from phi3ops.data import checkout_version  # the heavy imports, once the model is known good
+    from phi3ops import pipeline as stages  # the heavy imports, once the model is known good
     from phi3ops.evaluation import held_out, run_model
+    from phi3ops.inference import load_adapter_model
     from phi3ops.modeling import load_tokenizer
-    from phi3ops.preprocess import preprocess
-    from phi3ops.train import load_adapter_model
 
-    dataset = checkout_version(paths.root, cfg.data, data_rev)
-    tokenizer = load_tokenizer(cfg.model, paths.models)
-    prep = preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer, paths.processed)
+    prepared = stages.prepare(paths, cfg, stages.checkout(paths, cfg, data_rev))
+    dataset = prepared.dataset
     if local:
-        chat_model = load_adapter_model(cfg.model, Path(model), paths.models), tokenizer
+        chat_model = (load_adapter_model(cfg.model, Path(model), paths.models),
+                      load_tokenizer(cfg.model, paths.models))
     else:
         chat_model = load_chat_model(mcfg, model)
-    conversations = held_out(Path(prep.out_dir), cfg.evaluation)
+    conversations = held_out(prepared.data_dir, cfg.evaluation)
     _, metrics, _ = run_model(*chat_model, conversations, cfg.evaluation)
     typer.echo(f"{model} on {len(conversations)} held-out conversations of {dataset.md5}:")
     for name, value in metrics.items():
@@ -378,13 +362,15 @@ def data_demo(out: Annotated[Path, typer.Option(help="directory to write into")]
     typer.echo(write_demo_dataset(out))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("phi3ops").setLevel(logging.INFO)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if argv is not None and "--debug" in argv:  # `python flows/retrain.py --debug`
+        argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:
-        app()
+        app(args=argv)
     except Phi3opsError as e:  # a user's mistake: one paragraph, exit 2; --debug: traceback too
         if DEBUG["on"]:
             raise

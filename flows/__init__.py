@@ -1,0 +1,1 @@
+"""Prefect flows over phi3ops' stages: `retrain` (flows/retrain.py) and its schedule."""

@@ -1,0 +1,81 @@
+"""What a retrain run tells its user: the summary, the nothing-changed note, the failure report.
+
+Markdown for the flow's Prefect artifacts and the dict the flow returns; no Prefect here.
+"""
+
+from __future__ import annotations
+
+from mlflow.entities.model_registry import ModelVersion
+
+from phi3ops import promotion, registry
+from phi3ops.config import MlflowConfig
+
+
+def nothing_changed(run_id: str, name: str, same: ModelVersion,
+                    dataset_md5: str) -> tuple[dict, str]:
+    """End a run whose data, config and code made a version already: training would repeat it.
+    Returns the flow's result and the markdown of its summary."""
+    reason = (f"nothing changed since v{same.version} (data, config and code are the same; it "
+              f"was {same.tags['promotion.decision']}: {same.tags.get('promotion.reason', '')})")
+    registry.log_tags(run_id, {"phi3ops.skipped": reason})
+    registry.end_run(run_id)
+    markdown = (f"# retrain {name}: nothing changed\n\n{reason}; no training. Change the data "
+                "(`phi3ops data add`), the config or the code, or run with `--force`.\n")
+    return {"run_id": run_id, "skipped": True, "version": int(same.version), "promoted": False,
+            "reason": reason, "dataset_md5": dataset_md5}, markdown
+
+
+def standing_decision(version: ModelVersion, champion: str | None) -> promotion.PromotionDecision:
+    """A rerun found its version registered and decided: that decision stands."""
+    return promotion.PromotionDecision(
+        version.version, False, f"v{version.version} holds this data, config and code already "
+        f"and was {version.tags['promotion.decision']}; left as it is", champion)
+
+
+def aliases_note(mcfg: MlflowConfig, before: dict[str, str | None] | None) -> str:
+    """For the failure report: are the aliases where they were before the run?"""
+    if before is None:
+        return " No alias moved."
+    try:
+        now = promotion.alias_snapshot(mcfg)
+    except Exception as e:  # the report must not hide the failure it reports
+        return f" Could not read the aliases back ({type(e).__name__}); check them."
+    if now == before:
+        return " Registration and promotion were rolled back: the aliases are where they were."
+    return (f" The aliases moved during the run: now {now}, before {before}; check them "
+            "(`phi3ops promote --rollback`).")
+
+
+def failure(name: str, stage: str, error: BaseException, run_id: str, mcfg: MlflowConfig,
+            aliases_before: dict[str, str | None] | None) -> str:
+    return (f"# retrain {name} failed in `{stage}`\n\n```\n{type(error).__name__}: {error}\n"
+            f"```\n\nMLflow run `{run_id}` is marked FAILED."
+            + aliases_note(mcfg, aliases_before) + "\n")
+
+
+def summary(name: str, mcfg: MlflowConfig, run_id: str, version: ModelVersion,
+            decision: promotion.PromotionDecision, prepared, trained,
+            metrics: dict[str, float]) -> tuple[dict, str]:
+    """The flow's result and the markdown of `retrain-summary`."""
+    metric, prep = mcfg.promotion.metric, prepared.prep
+    scored = " | ".join(f"{m} {metrics[f'{m}_{metric}']:.4f}"
+                        for m in ("base", "tuned", "champion") if f"{m}_{metric}" in metrics)
+    gains = "".join(
+        f"\n- tuned - {other}: {metrics[key]:+.4f} "
+        f"(95% CI {metrics[key + '_lo']:+.4f} .. {metrics[key + '_hi']:+.4f})"
+        for other in ("base", "champion") if (key := f"delta_{other}_{metric}") in metrics)
+    result = {
+        "run_id": run_id, "version": int(version.version), "promoted": decision.promoted,
+        "reason": decision.reason, "dataset_md5": prepared.dataset.md5, "metrics": metrics,
+        "train_loss": trained.train_loss, "resumed_from": trained.resumed_from,
+        "rows_accepted": prep.n_accepted, "rows_quarantined": prep.n_rejected,
+    }
+    markdown = (
+        f"# retrain {name}\n\n"
+        f"- data: `{prepared.dataset.md5}` ({prep.n_accepted} rows accepted, "
+        f"{prep.n_rejected} quarantined)\n"
+        f"- MLflow run `{run_id}`, model `{mcfg.registered_model}` v{version.version}\n"
+        f"- {metric}: {scored}{gains}\n"
+        f"- promotion: {'promoted' if decision.promoted else 'not promoted'}: "
+        f"{decision.reason}\n")
+    return result, markdown
