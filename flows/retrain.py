@@ -1,111 +1,46 @@
 """Retrain flow: version_data -> preprocess -> train -> evaluate -> register -> promote.
 
-    python flows/retrain.py --pipeline pipelines/tiny-cpu.yaml [key.path=value ...]
+    phi3ops run --pipeline pipelines/tiny-cpu.yaml [key.path=value ...]
+    python flows/retrain.py --pipeline pipelines/tiny-cpu.yaml      # the same command
 
-Thin Prefect wiring around plain phi3ops functions. Retries only on network-bound stages (DVC
-remote, MLflow); never on validation or training. One MLflow run per flow run; a failure marks
-the run FAILED and never reaches promotion, so `@champion` stays where it was. Registration and
-promotion run in one Prefect transaction: a failure after the alias move rolls the aliases back.
-One retrain per registered model at a time (a file lock under .cache/locks). Preprocessing is a
-cached task; what Prefect persists is JSON, under .cache/prefect-results.
+A recipe over phi3ops.pipeline's stages, with the Prefect tasks of flows/tasks.py as their steps.
+One MLflow run per flow run; a failure marks the run FAILED and never reaches promotion, so
+`@champion` stays where it was. Registration and promotion run in one Prefect transaction: a
+failure after the alias move rolls the aliases back. One retrain per registered model at a time
+(a file lock under .cache/locks).
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.transactions import Transaction, transaction
+from prefect.transactions import transaction
 
-from phi3ops import (
-    data,
-    evaluation,
-    inference,
-    launch,
-    locking,
-    pipeline,
-    preprocess,
-    promotion,
-    registry,
-    report,
+from flows.tasks import (
+    RESULTS,
+    evaluate_adapter,
+    merge,
+    preprocess_cached,
+    promote,
+    record_decision,
+    register_adapter,
+    train_adapter,
+    version_data,
 )
+from phi3ops import data, locking, pipeline, promotion, registry, report
 from phi3ops.config import (
     MlflowConfig,
     PipelineConfig,
     ProjectPaths,
     load_config,
     load_mlflow_config,
-    sha256_json,
 )
-from phi3ops.errors import Phi3opsError
 from phi3ops.preflight import preflight
-
-
-def retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry I/O hiccups, never bad data or config: those fail the same way every time."""
-    return not isinstance(state.result(raise_on_failure=False), Phi3opsError)
-
-
-def preprocess_key(context, parameters: dict) -> str:
-    """Prefect's cache key of `preprocess`: data md5, preprocess config, tokenizer and code (the
-    key of its output directory), and where that directory lives."""
-    key = preprocess.cache_key(parameters["data_md5"], parameters["cfg"], parameters["tokenizer"])
-    return f"preprocess-{key}-{sha256_json(str(parameters['out_root']))[:8]}"
-
-
-RESULTS = Path(__file__).resolve().parents[1] / ".cache" / "prefect-results"
-# Results are persisted only where they are reused (preprocess) or read back (the flow's
-# summary), always as JSON; the other tasks return live objects (model versions) not worth keeping.
-NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE,
-           "persist_result": False, "retry_condition_fn": retry_unless_user_error}
-LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
-# Inside the transaction a task's failed attempt rolls the whole transaction back at once, even
-# when a retry then succeeds; so no task retries there: register retries each MLflow call itself.
-IN_TRANSACTION = LOCAL
-
-version_data = task(data.checkout_version, name="version_data", **NETWORK)
-preprocess_data = task(preprocess.preprocess, name="preprocess", cache_key_fn=preprocess_key,
-                       persist_result=True, result_serializer="json", result_storage=RESULTS)
-# A timeout or crash of the training process is retried once; the retry resumes from the newest
-# complete checkpoint in the same run directory. A user error (bad config, tampered checkpoint)
-# is not retried.
-train_adapter = task(launch.run_training, name="train", retries=1, retry_delay_seconds=1,
-                     retry_condition_fn=retry_unless_user_error, **LOCAL)
-evaluate_adapter = task(evaluation.evaluate_adapter, name="evaluate", **LOCAL)
-merge = task(inference.merge_adapter, name="merge", **LOCAL)
-register_adapter = task(registry.register_adapter, name="register", **IN_TRANSACTION)
-promote = task(promotion.promote, name="promote", **IN_TRANSACTION)
-record_decision = task(promotion.record, name="record", **IN_TRANSACTION)
-
-
-@register_adapter.on_rollback
-def undo_register(txn: Transaction) -> None:
-    """Rollback: `@challenger` back where it was. The version stays: a rerun finds it by key."""
-    registry.with_retries("put @challenger back", lambda: promotion.undo_challenger(
-        txn.get("mlflow"), txn.get("aliases_before"), txn.get("version")))
-
-
-@promote.on_rollback
-def undo_promote(txn: Transaction) -> None:
-    """Rollback: `@champion` and `@previous-champion` back where they were."""
-    reason = f"run {txn.get('run_id')} failed after promoting it; rolled back"
-    registry.with_retries("put @champion back", lambda: promotion.undo_promotion(
-        txn.get("mlflow"), txn.get("aliases_before"), txn.get("version"), reason,
-        by=f"run {txn.get('run_id')}"))
-
-
-def preprocess_cached(data_dir: Path, data_md5: str, cfg, tokenizer, out_root: Path):
-    """The cached preprocess task; output deleted since it was cached runs again."""
-    done = preprocess.is_complete(out_root / preprocess.cache_key(data_md5, cfg, tokenizer))
-    state = preprocess_data.with_options(refresh_cache=not done)(
-        data_dir, data_md5, cfg, tokenizer, out_root, return_state=True)
-    return replace(state.result(), cached=True) if state.name == "Cached" else state.result()
 
 
 @flow(name="retrain", persist_result=True, result_serializer="json", result_storage=RESULTS)

@@ -5,6 +5,7 @@ import pytest
 from prefect import Task
 
 import flows.retrain as retrain_flow
+import flows.tasks as flow_tasks
 from phi3ops.config import PreprocessConfig
 from phi3ops.modeling import load_tokenizer
 from phi3ops.preprocess import cache_key
@@ -13,7 +14,7 @@ from tests.conftest import REPO
 
 @pytest.fixture(scope="module")
 def flow_module():
-    return retrain_flow
+    return flow_tasks
 
 
 def test_whatever_prefect_persists_is_json_under_the_project(flow_module):
@@ -22,7 +23,7 @@ def test_whatever_prefect_persists_is_json_under_the_project(flow_module):
             "record"} <= set(tasks)
     for name, t in tasks.items():
         assert t.persist_result is False or t.result_serializer == "json", name
-    retrain = flow_module.retrain
+    retrain = retrain_flow.retrain
     assert retrain.persist_result and retrain.result_serializer == "json"
     assert tasks["preprocess"].persist_result and tasks["preprocess"].cache_key_fn is not None
     assert flow_module.RESULTS == REPO / ".cache" / "prefect-results"
