@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3ops import data, drift, launch, preprocess, registry
+from phi3ops import data, drift, launch, preprocess, promotion, registry, report
 from phi3ops.config import MlflowConfig, PipelineConfig, ProjectPaths, sha256_json
 from phi3ops.data import DatasetVersion
 from phi3ops.preflight import Preflight
@@ -138,8 +138,7 @@ def publish(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig, checke
             promote: Callable | None = None, record: Callable | None = None):
     """Register the adapter (and the merged model when asked), then promote it under the policy
     and record the decision. A version that was decided before keeps its decision."""
-    from phi3ops import promotion, report
-    from phi3ops.inference import merge_adapter
+    from phi3ops.inference import merge_adapter  # torch and peft, only when a merge is asked
 
     merge, promote, record = (merge or merge_adapter, promote or promotion.promote,
                               record or promotion.record)
