@@ -3,7 +3,7 @@
     from phi3ops import pipeline
     prepared = pipeline.prepare(paths, cfg, pipeline.checkout(paths, cfg), checked)
     trained = pipeline.fit(paths, cfg, prepared, out_dir)
-    scores = pipeline.score(paths, cfg, prepared, trained)
+    scores = pipeline.score(paths, cfg, prepared, Path(trained.adapter_dir))
 
 flows/retrain.py, `phi3ops train`, `phi3ops evaluate` and bench/pipeline_overhead.py all call
 these. Plain functions, no Prefect: the flow passes its Prefect tasks in as the steps (`checkout=`,
