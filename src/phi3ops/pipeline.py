@@ -6,9 +6,10 @@
     scores = pipeline.score(paths, cfg, prepared, Path(trained.adapter_dir))
 
 flows/retrain.py, `phi3ops train`, `phi3ops evaluate` and bench/pipeline_overhead.py all call
-these. Plain functions, no Prefect: the flow passes its Prefect tasks in as the steps (`checkout=`,
-`run_preprocess=`, `run_training=`, `evaluate=`), so retries and caching stay in flows/ while the
-order of the work lives here. With a `run_id` a stage also logs what it did to that MLflow run.
+these. Plain functions, no Prefect: the flow passes its Prefect tasks in as the steps
+(`checkout_version=`, `run_preprocess=`, `run_training=`, `evaluate=`, `register=`...), so retries
+and caching stay in flows/ while the order of the work lives here. With a `run_id` a stage also
+logs what it did to that MLflow run.
 """
 
 from __future__ import annotations
