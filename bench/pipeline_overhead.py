@@ -123,11 +123,11 @@ def one_round() -> dict:
         noop()
         noop_run = time.perf_counter() - start
         start = time.perf_counter()
-        state = flow.retrain(root=str(root), return_state=True)
+        state = flow.in_project(root)(root=str(root), return_state=True)
         full = time.perf_counter() - start
         tasks = task_seconds(state.state_details.flow_run_id)
         start = time.perf_counter()
-        summary = flow.retrain(root=str(root))
+        summary = flow.in_project(root)(root=str(root))
         rerun = time.perf_counter() - start
         assert summary.get("skipped"), "the second run must find nothing changed"
     return {"first_db": first_db, "plain": plain, "tasks": tasks, "server": server - noop_run,

@@ -16,13 +16,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.transactions import transaction
 
 from flows.tasks import (
-    RESULTS,
     evaluate_adapter,
     merge,
     preprocess_cached,
@@ -43,7 +42,7 @@ from phi3ops.config import (
 from phi3ops.preflight import preflight
 
 
-@flow(name="retrain", persist_result=True, result_serializer="json", result_storage=RESULTS)
+@flow(name="retrain", persist_result=True, result_serializer="json")
 def retrain(
     pipeline: str = "pipelines/tiny-cpu.yaml", overrides: list[str] | None = None,
     root: str = ".", mlflow_config: str = "mlflow.yaml", data_rev: str | None = None,
@@ -58,6 +57,12 @@ def retrain(
     with locking.exclusive(lock, f"flow run {flow_run.name} {flow_run.id}", lock_timeout_s,
                            on_wait=get_run_logger().warning):
         return run_stages(paths, cfg, mcfg, data_rev, force)
+
+
+def in_project(root: str | Path) -> Flow:
+    """The retrain flow keeping Prefect's results in that project's .cache/prefect-results, where
+    the next run from the same project finds its preprocess cache; each project its own."""
+    return retrain.with_options(result_storage=ProjectPaths(root).prefect_results)
 
 
 def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,

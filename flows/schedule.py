@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flows.retrain import retrain
+from flows.retrain import in_project
 from phi3ops.config import ProjectPaths, load_config
 from phi3ops.errors import Phi3opsError
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     except Phi3opsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    retrain.serve(
+    in_project(paths.root).serve(
         name=cfg.name,
         cron=cfg.schedule,  # None: no schedule, runs only when triggered
         parameters={"pipeline": args.pipeline, "root": str(paths.root)},

@@ -1,6 +1,7 @@
 """The stages as Prefect tasks: retries only on network-bound work (DVC remote, MLflow), never on
 validation or training; preprocessing cached on what decides its output; the rollback hooks of
-the register/promote transaction. What Prefect persists is JSON, under .cache/prefect-results.
+the register/promote transaction. What Prefect persists is JSON, in the flow's result storage
+(the project's .cache/prefect-results: see flows.retrain.in_project).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ def preprocess_key(context, parameters: dict) -> str:
     return f"preprocess-{key}-{sha256_json(str(parameters['out_root']))[:8]}"
 
 
-RESULTS = Path(__file__).resolve().parents[1] / ".cache" / "prefect-results"
 # Results are persisted only where they are reused (preprocess) or read back (the flow's
 # summary), always as JSON; the other tasks return live objects (model versions) not worth keeping.
 NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE,
@@ -41,7 +41,7 @@ IN_TRANSACTION = LOCAL
 
 version_data = task(data.checkout_version, name="version_data", **NETWORK)
 preprocess_data = task(preprocess.preprocess, name="preprocess", cache_key_fn=preprocess_key,
-                       persist_result=True, result_serializer="json", result_storage=RESULTS)
+                       persist_result=True, result_serializer="json")
 # A timeout or crash of the training process is retried once; the retry resumes from the newest
 # complete checkpoint in the same run directory. A user error (bad config, tampered checkpoint)
 # is not retried.

@@ -41,13 +41,13 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
                                                                  prefect_harness, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     own_model(project, MODEL)
-    flow = retrain_flow
+    flow = retrain_flow.in_project(project)
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     lock = locking.lock_path(project, f"retrain-{MODEL}")
     states = {}
 
     def trigger(name: str) -> None:
-        states[name] = flow.retrain(root=str(project), overrides=WEAK, return_state=True)
+        states[name] = flow(root=str(project), overrides=WEAK, return_state=True)
 
     # Three triggers on the same model: the first trains; one that will not wait ends at once
     # and says who holds the model; one that waits starts after the first has finished.
@@ -58,7 +58,7 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
         time.sleep(0.2)
     with pytest.raises(BusyError, match=rf"retrain-{MODEL}: another run holds the lock \(pid "
                                         r"\d+ on .* \(flow run .*\)\); did not wait"):
-        flow.retrain(root=str(project), overrides=WEAK, lock_timeout_s=0)
+        flow(root=str(project), overrides=WEAK, lock_timeout_s=0)
     waiter = in_thread(trigger, "waiter")
     first.join(1800)
     waiter.join(600)
@@ -84,7 +84,7 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
         real_log_tags(run_id, tags)
 
     monkeypatch.setattr(promotion, "log_tags", unreachable)
-    failed = flow.retrain(root=str(project), return_state=True)
+    failed = flow(root=str(project), return_state=True)
     assert failed.is_failed()
     with pytest.raises(RegistryError, match="MLflow unreachable"):
         failed.result()

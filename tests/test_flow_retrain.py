@@ -52,10 +52,10 @@ def serve_and_ask(model_uri: str, env: dict) -> str:
 def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefect_harness,
                                                   monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    flow = retrain_flow
+    flow = retrain_flow.in_project(project)
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
 
-    first = flow.retrain(root=str(project))
+    first = flow(root=str(project))
     metrics = first["metrics"]
     assert metrics["tuned_rougeL"] > metrics["base_rougeL"] + 0.2, "fine-tuning must help"
     assert metrics["tuned_exact_match"] > metrics["base_exact_match"]
@@ -112,14 +112,14 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     # With nothing changed the run ends before training. Forced, on the same data (pinned by
     # git rev), config and code, it registers nothing new: the key finds v1, whose record and
     # aliases stand.
-    skipped = flow.retrain(root=str(project))
+    skipped = flow(root=str(project))
     assert skipped["skipped"] and skipped["version"] == first["version"]
     assert skipped["reason"].startswith(
         "nothing changed since v1 (data, config and code are the same; it was promoted")
     assert client.get_run(skipped["run_id"]).data.tags["phi3ops.skipped"] == skipped["reason"]
     assert "loss" not in client.get_run(skipped["run_id"]).data.metrics, "no training"
 
-    second = flow.retrain(root=str(project), data_rev="HEAD", force=True)
+    second = flow(root=str(project), data_rev="HEAD", force=True)
     second_tags = client.get_run(second["run_id"]).data.tags
     assert second_tags["phi3ops.data_rev"] == "HEAD"
     assert second_tags["phi3ops.data_git_rev"] == git(project, "rev-parse", "HEAD")
@@ -134,7 +134,7 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
 
     # A different config (far fewer steps) is a new version; it loses to the champion, which
     # stays. It also asks for the merged model, registered beside the adapter.
-    third = flow.retrain(root=str(project), overrides=["training_config.max_steps=5",
+    third = flow(root=str(project), overrides=["training_config.max_steps=5",
                                                         "registration.merged=true"])
     assert third["version"] == first["version"] + 1
     assert not third["promoted"] and "gain over the champion" in third["reason"]
@@ -158,11 +158,11 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
 
     (project / "data" / "conversations.jsonl").write_text("{not json\n" * 20)
     with pytest.raises(DataError, match=r"conversations\.jsonl: md5 \w+ differs from data\.dvc"):
-        flow.retrain(root=str(project))
+        flow(root=str(project))
     assert last_run().info.status == "FAILED"
     record_version(project, DataConfig())
     with pytest.raises(TooManyRejectedError, match="20 of 20 lines rejected"):
-        flow.retrain(root=str(project))
+        flow(root=str(project))
     failed = last_run()
     assert failed.info.status == "FAILED"
     # The data differs from the champion's, so the run says how before it fails.

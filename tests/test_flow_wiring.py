@@ -9,7 +9,6 @@ import flows.tasks as flow_tasks
 from phi3ops.config import PreprocessConfig
 from phi3ops.modeling import load_tokenizer
 from phi3ops.preprocess import cache_key
-from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +16,7 @@ def flow_module():
     return flow_tasks
 
 
-def test_whatever_prefect_persists_is_json_under_the_project(flow_module):
+def test_whatever_prefect_persists_is_json_under_the_project(flow_module, tmp_path):
     tasks = {t.name: t for t in vars(flow_module).values() if isinstance(t, Task)}
     assert {"version_data", "preprocess", "train", "evaluate", "register", "promote",
             "record"} <= set(tasks)
@@ -26,8 +25,10 @@ def test_whatever_prefect_persists_is_json_under_the_project(flow_module):
     retrain = retrain_flow.retrain
     assert retrain.persist_result and retrain.result_serializer == "json"
     assert tasks["preprocess"].persist_result and tasks["preprocess"].cache_key_fn is not None
-    assert flow_module.RESULTS == REPO / ".cache" / "prefect-results"
-    assert retrain.result_storage == tasks["preprocess"].result_storage == flow_module.RESULTS
+    # The tasks keep the flow's storage; the flow, run for a project, keeps it in that project.
+    assert all(t.result_storage is None for t in tasks.values())
+    assert retrain_flow.in_project(tmp_path).result_storage == (
+        tmp_path.resolve() / ".cache" / "prefect-results")
 
 
 def test_no_task_retries_inside_the_transaction(flow_module):

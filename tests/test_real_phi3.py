@@ -48,7 +48,7 @@ def test_local_phi3_directory_trains_and_registers_without_a_retry(
     own_model(project, name)
     model_dir = local_phi3_directory(tmp_path / "phi3", phi3_tokenizer_dir, template)
 
-    summary = retrain_flow.retrain(
+    summary = retrain_flow.in_project(project)(
         root=str(project), overrides=[f"model.name_or_path={model_dir}", *SHORT])
 
     assert attempts(summary["run_id"]) == 1
@@ -62,7 +62,7 @@ def test_phi3_vocab_profile_runs_end_to_end(project, mlflow_server, prefect_harn
                                             monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     own_model(project, "phi3-vocab")
-    summary = retrain_flow.retrain(root=str(project),
+    summary = retrain_flow.in_project(project)(root=str(project),
                                                 pipeline="pipelines/phi3-vocab-cpu.yaml")
     metrics = summary["metrics"]
     assert summary["promoted"], summary["reason"]

@@ -67,7 +67,7 @@ def test_a_killed_run_takes_its_training_along_and_the_rerun_resumes(
     [killed] = client.search_runs([experiment])
     assert killed.info.status == "RUNNING", "nobody told MLflow"
 
-    summary = retrain_flow.retrain(root=str(project), overrides=LONG)
+    summary = retrain_flow.in_project(project)(root=str(project), overrides=LONG)
 
     killed = client.get_run(killed.info.run_id)
     assert killed.info.status == "FAILED"

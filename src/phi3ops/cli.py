@@ -77,8 +77,9 @@ def run(
     # Fail before Prefect starts, with the fix in the message rather than a traceback.
     preflight(load_pipeline(paths, pipeline, overrides), paths.models)
     mlflow_settings(paths, mlflow_timeout)
-    from flows.retrain import retrain
+    from flows.retrain import in_project
 
+    retrain = in_project(paths.root)
     summary = retrain(pipeline=str(pipeline), overrides=overrides, root=str(paths.root),
                       data_rev=data_rev, force=force, lock_timeout_s=lock_timeout)
     typer.echo(json.dumps(summary, indent=2))

@@ -357,6 +357,7 @@ class ProjectPaths:
         self.models = self.root / ".cache" / "models"  # built tiny base models
         self.processed = self.root / ".cache" / "processed"  # preprocessed datasets by key
         self.runs = self.root / "runs"  # per MLflow run: checkpoints and adapter
+        self.prefect_results = self.root / ".cache" / "prefect-results"  # Prefect's JSON results
 
     def pipeline(self, path: Path | str) -> Path:
         path = Path(path)
