@@ -85,10 +85,10 @@ def _beats(policy: PromotionPolicy, candidate: ModelVersion, other: str, stored:
 
 
 def decide(
-    cfg: MlflowConfig, candidate: ModelVersion, champion: ModelVersion | None,
+    mcfg: MlflowConfig, candidate: ModelVersion, champion: ModelVersion | None,
 ) -> tuple[bool, str]:
     """Apply the promotion policy; any missing or NaN metric means no promotion."""
-    policy = cfg.promotion
+    policy = mcfg.promotion
     value = tag_float(candidate, f"tuned_{policy.metric}")
     if not math.isfinite(value):
         return False, f"tuned {policy.metric} missing or not finite"
@@ -107,9 +107,9 @@ def decide(
     return ok, f"{why} (champion v{champion.version})" + "".join(f"; {r}" for r in reasons)
 
 
-def _tag(client: MlflowClient, cfg: MlflowConfig, version: str, **tags: str) -> None:
+def _tag(client: MlflowClient, mcfg: MlflowConfig, version: str, **tags: str) -> None:
     for key, value in tags.items():
-        client.set_model_version_tag(cfg.registered_model, version, f"promotion.{key}", value)
+        client.set_model_version_tag(mcfg.registered_model, version, f"promotion.{key}", value)
 
 
 def actor() -> str:
@@ -117,12 +117,12 @@ def actor() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def _append_history(client: MlflowClient, cfg: MlflowConfig, version: str, event: str,
+def _append_history(client: MlflowClient, mcfg: MlflowConfig, version: str, event: str,
                     by: str) -> None:
     """Add the next `history.NNN` tag. Called under the promotion lock: no two writers race."""
-    tags = client.get_model_version(cfg.registered_model, version).tags
+    tags = client.get_model_version(mcfg.registered_model, version).tags
     number = sum(key.startswith(HISTORY) for key in tags) + 1
-    client.set_model_version_tag(cfg.registered_model, version, f"{HISTORY}{number:03d}",
+    client.set_model_version_tag(mcfg.registered_model, version, f"{HISTORY}{number:03d}",
                                  history_entry(event, by))
 
 
@@ -136,18 +136,18 @@ def _error_code(e: MlflowException) -> str:
 
 
 @contextmanager
-def promotion_lock(cfg: MlflowConfig, wait_s: float = 120.0,
+def promotion_lock(mcfg: MlflowConfig, wait_s: float = 120.0,
                    stale_s: float = 600.0) -> Iterator[None]:
     """Hold `<model>.promotion-lock` while aliases move. A lock older than `stale_s` was left
     by a promoter that died holding it, and is broken; waiting longer than `wait_s` is an error
     that names the holder."""
-    client, name = MlflowClient(), cfg.registered_model + LOCK_SUFFIX
+    client, name = MlflowClient(), mcfg.registered_model + LOCK_SUFFIX
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + wait_s
     while True:
         try:
             client.create_registered_model(name, tags={"phi3ops.holder": token}, description=(
-                f"Held by phi3ops while it moves the aliases of {cfg.registered_model}."))
+                f"Held by phi3ops while it moves the aliases of {mcfg.registered_model}."))
             break
         except MlflowException as e:
             if _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
@@ -185,66 +185,66 @@ def _release(client: MlflowClient, name: str) -> None:
             raise
 
 
-def promote(cfg: MlflowConfig, version: str, by: str | None = None) -> PromotionDecision:
+def promote(mcfg: MlflowConfig, version: str, by: str | None = None) -> PromotionDecision:
     """Move `@champion` to `version` if the policy allows; record the decision on its tags and
     in the history of each version it concerns."""
-    connect(cfg)
+    connect(mcfg)
     client, by = MlflowClient(), by or actor()
-    with promotion_lock(cfg):
-        candidate = client.get_model_version(cfg.registered_model, version)
-        champion = alias_version(cfg, cfg.champion_alias)
+    with promotion_lock(mcfg):
+        candidate = client.get_model_version(mcfg.registered_model, version)
+        champion = alias_version(mcfg, mcfg.champion_alias)
         if champion is not None and champion.version == candidate.version:
             return PromotionDecision(version, False, "already champion", champion.version)
-        promoted, reason = decide(cfg, candidate, champion)
-        _tag(client, cfg, version, reason=reason, decision="promoted" if promoted else "rejected")
+        promoted, reason = decide(mcfg, candidate, champion)
+        _tag(client, mcfg, version, reason=reason, decision="promoted" if promoted else "rejected")
         if promoted:
-            _point(client, cfg, cfg.champion_alias, version)
-            _append_history(client, cfg, version, f"@{cfg.champion_alias}: {reason}", by)
+            _point(client, mcfg, mcfg.champion_alias, version)
+            _append_history(client, mcfg, version, f"@{mcfg.champion_alias}: {reason}", by)
             if champion is not None:
-                _point(client, cfg, PREVIOUS, champion.version)
-                _append_history(client, cfg, champion.version,
-                                f"@{PREVIOUS}: v{version} took @{cfg.champion_alias}", by)
+                _point(client, mcfg, PREVIOUS, champion.version)
+                _append_history(client, mcfg, champion.version,
+                                f"@{PREVIOUS}: v{version} took @{mcfg.champion_alias}", by)
         else:
-            _append_history(client, cfg, version, f"rejected: {reason}", by)
+            _append_history(client, mcfg, version, f"rejected: {reason}", by)
     return PromotionDecision(version, promoted, reason,
                              champion.version if champion is not None else None)
 
 
-def _point(client: MlflowClient, cfg: MlflowConfig, alias: str, version: str | None) -> None:
+def _point(client: MlflowClient, mcfg: MlflowConfig, alias: str, version: str | None) -> None:
     """Set `alias` to `version`, or remove it when `version` is None."""
     if version is not None:
-        client.set_registered_model_alias(cfg.registered_model, alias, version)
-    elif alias_version(cfg, alias) is not None:
-        client.delete_registered_model_alias(cfg.registered_model, alias)
+        client.set_registered_model_alias(mcfg.registered_model, alias, version)
+    elif alias_version(mcfg, alias) is not None:
+        client.delete_registered_model_alias(mcfg.registered_model, alias)
 
 
-def rollback(cfg: MlflowConfig, by: str | None = None) -> PromotionDecision:
+def rollback(mcfg: MlflowConfig, by: str | None = None) -> PromotionDecision:
     """`@champion` back to `@previous-champion`; the demoted version is tagged rolled-back."""
-    connect(cfg)
+    connect(mcfg)
     client, by = MlflowClient(), by or actor()
-    with promotion_lock(cfg):
-        champion, previous = alias_version(cfg, cfg.champion_alias), alias_version(cfg, PREVIOUS)
+    with promotion_lock(mcfg):
+        champion, previous = alias_version(mcfg, mcfg.champion_alias), alias_version(mcfg, PREVIOUS)
         if champion is None or previous is None:
-            raise RegistryError(f"nothing to roll back to: @{cfg.champion_alias} or @{PREVIOUS} "
-                                f"is not set on {cfg.registered_model}")
-        _point(client, cfg, cfg.champion_alias, previous.version)
-        _point(client, cfg, PREVIOUS, None)
+            raise RegistryError(f"nothing to roll back to: @{mcfg.champion_alias} or @{PREVIOUS} "
+                                f"is not set on {mcfg.registered_model}")
+        _point(client, mcfg, mcfg.champion_alias, previous.version)
+        _point(client, mcfg, PREVIOUS, None)
         reason = f"rolled back to v{previous.version} by hand"
-        _tag(client, cfg, champion.version, decision="rolled-back", reason=reason)
-        _append_history(client, cfg, champion.version, f"rolled back: {reason}", by)
-        _append_history(client, cfg, previous.version,
-                        f"@{cfg.champion_alias} again: v{champion.version} rolled back", by)
+        _tag(client, mcfg, champion.version, decision="rolled-back", reason=reason)
+        _append_history(client, mcfg, champion.version, f"rolled back: {reason}", by)
+        _append_history(client, mcfg, previous.version,
+                        f"@{mcfg.champion_alias} again: v{champion.version} rolled back", by)
     return PromotionDecision(previous.version, True, reason, champion.version)
 
 
-def record(cfg: MlflowConfig, run_id: str, decision: PromotionDecision) -> None:
+def record(mcfg: MlflowConfig, run_id: str, decision: PromotionDecision) -> None:
     """Check the registry agrees with the decision (a promoted version is `@champion` now), then
     write the version and decision on the run, where the runs table shows them."""
-    connect(cfg)
-    champion = alias_version(cfg, cfg.champion_alias)
+    connect(mcfg)
+    champion = alias_version(mcfg, mcfg.champion_alias)
     if decision.promoted and (champion is None or str(champion.version) != str(decision.version)):
         raise RegistryError(
-            f"v{decision.version} was promoted but @{cfg.champion_alias} names "
+            f"v{decision.version} was promoted but @{mcfg.champion_alias} names "
             + (f"v{champion.version}" if champion is not None else "no version"))
     tags = {"phi3ops.version": str(decision.version),
             "phi3ops.promotion": "promoted" if decision.promoted else "not promoted",
@@ -252,44 +252,44 @@ def record(cfg: MlflowConfig, run_id: str, decision: PromotionDecision) -> None:
     with_retries("tag the run with the decision", lambda: log_tags(run_id, tags))
 
 
-def alias_snapshot(cfg: MlflowConfig) -> dict[str, str | None]:
+def alias_snapshot(mcfg: MlflowConfig) -> dict[str, str | None]:
     """Where `@champion`, `@previous-champion` and `@challenger` point now, to undo a run.
     Versions as strings: a SQL store gives ints, a tracking server strings."""
-    connect(cfg)
-    return {alias: str(mv.version) if (mv := alias_version(cfg, alias)) is not None else None
-            for alias in (cfg.champion_alias, PREVIOUS, cfg.challenger_alias)}
+    connect(mcfg)
+    return {alias: str(mv.version) if (mv := alias_version(mcfg, alias)) is not None else None
+            for alias in (mcfg.champion_alias, PREVIOUS, mcfg.challenger_alias)}
 
 
-def undo_promotion(cfg: MlflowConfig, before: dict[str, str | None], version: str,
+def undo_promotion(mcfg: MlflowConfig, before: dict[str, str | None], version: str,
                    reason: str, by: str | None = None) -> bool:
     """Put `@champion` and `@previous-champion` back where `before` had them, if `@champion`
     still names `version` (a move by anyone else since is left alone); tag `version`
     rolled-back. True when something was undone."""
-    connect(cfg)
+    connect(mcfg)
     version = str(version)
-    if before[cfg.champion_alias] == version:
+    if before[mcfg.champion_alias] == version:
         return False  # it was champion already: this run moved nothing
     client = MlflowClient()
-    with promotion_lock(cfg):
-        current = alias_version(cfg, cfg.champion_alias)
+    with promotion_lock(mcfg):
+        current = alias_version(mcfg, mcfg.champion_alias)
         if current is None or str(current.version) != version:
             return False
-        _point(client, cfg, cfg.champion_alias, before[cfg.champion_alias])
-        _point(client, cfg, PREVIOUS, before[PREVIOUS])
-        _tag(client, cfg, version, decision="rolled-back", reason=reason)
-        _append_history(client, cfg, version, f"rolled back: {reason}", by or actor())
-    log.warning("@%s back to %s from v%s: %s", cfg.champion_alias,
-                f"v{before[cfg.champion_alias]}" if before[cfg.champion_alias] else "no version",
+        _point(client, mcfg, mcfg.champion_alias, before[mcfg.champion_alias])
+        _point(client, mcfg, PREVIOUS, before[PREVIOUS])
+        _tag(client, mcfg, version, decision="rolled-back", reason=reason)
+        _append_history(client, mcfg, version, f"rolled back: {reason}", by or actor())
+    log.warning("@%s back to %s from v%s: %s", mcfg.champion_alias,
+                f"v{before[mcfg.champion_alias]}" if before[mcfg.champion_alias] else "no version",
                 version, reason)
     return True
 
 
-def undo_challenger(cfg: MlflowConfig, before: dict[str, str | None], version: str) -> bool:
+def undo_challenger(mcfg: MlflowConfig, before: dict[str, str | None], version: str) -> bool:
     """Put `@challenger` back where `before` had it, if it still names `version`."""
-    connect(cfg)
-    version, current = str(version), alias_version(cfg, cfg.challenger_alias)
-    if before[cfg.challenger_alias] == version or current is None or str(
+    connect(mcfg)
+    version, current = str(version), alias_version(mcfg, mcfg.challenger_alias)
+    if before[mcfg.challenger_alias] == version or current is None or str(
             current.version) != version:
         return False
-    _point(MlflowClient(), cfg, cfg.challenger_alias, before[cfg.challenger_alias])
+    _point(MlflowClient(), mcfg, mcfg.challenger_alias, before[mcfg.challenger_alias])
     return True

@@ -69,34 +69,34 @@ class Lineage:
         return {f"phi3ops.{k}": v for k, v in self.__dict__.items()}
 
 
-def connect(cfg: MlflowConfig) -> str:
+def connect(mcfg: MlflowConfig) -> str:
     """Point MLflow at the configured server or file and return the experiment id."""
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_registry_uri(cfg.tracking_uri)
-    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    mlflow.set_tracking_uri(mcfg.tracking_uri)
+    mlflow.set_registry_uri(mcfg.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(mcfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return mlflow.create_experiment(cfg.experiment, artifact_location=(
-            None if cfg.tracking_uri.startswith("http") else cfg.artifact_location))
+        return mlflow.create_experiment(mcfg.experiment, artifact_location=(
+            None if mcfg.tracking_uri.startswith("http") else mcfg.artifact_location))
     except MlflowException:  # created concurrently
-        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+        return mlflow.get_experiment_by_name(mcfg.experiment).experiment_id
 
 
-def start_run(cfg: MlflowConfig, pipeline: PipelineConfig, run_name: str | None = None) -> str:
+def start_run(mcfg: MlflowConfig, cfg: PipelineConfig, run_name: str | None = None) -> str:
     """Create the run of one retrain and record the resolved config as params and config.yaml."""
-    experiment_id = connect(cfg)
+    experiment_id = connect(mcfg)
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name=run_name,
-                            tags={"phi3ops.pipeline": pipeline.name,
-                                  "phi3ops.config_hash": pipeline.config_hash(), **owner_tags()})
+                            tags={"phi3ops.pipeline": cfg.name,
+                                  "phi3ops.config_hash": cfg.config_hash(), **owner_tags()})
     run_id = run.info.run_id
-    params = {"model.name_or_path": pipeline.model.name_or_path}
+    params = {"model.name_or_path": cfg.model.name_or_path}
     for section in ("training_config", "peft_config"):
-        for key, value in getattr(pipeline, section).model_dump(mode="json").items():
+        for key, value in getattr(cfg, section).model_dump(mode="json").items():
             params[f"{section}.{key}"] = value
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    client.log_text(run_id, yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False),
+    client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
                     "config.yaml")
     return run_id
 
@@ -165,13 +165,13 @@ def owner_tags() -> dict[str, str]:
             "phi3ops.pid_started": repr(process_started(pid))}
 
 
-def close_dead_runs(cfg: MlflowConfig, closer_run_id: str) -> list[str]:
+def close_dead_runs(mcfg: MlflowConfig, closer_run_id: str) -> list[str]:
     """Mark FAILED the RUNNING runs of this experiment whose process on this host is gone (a
     `kill -9`, a power cut): MLflow never hears of such a death. Each gets tags saying who closed
     it and when. Runs of other hosts are left alone: their processes cannot be checked here."""
     client, host = MlflowClient(), socket.gethostname()
     running = client.search_runs(
-        [connect(cfg)], filter_string=f"attributes.status = 'RUNNING' and "
+        [connect(mcfg)], filter_string=f"attributes.status = 'RUNNING' and "
                                       f"tags.`phi3ops.host` = '{host}'")
     closed = []
     for run in running:
@@ -211,7 +211,7 @@ def registration_key(dataset_md5: str, config_hash: str, code_rev: str,
     return sha256_json([dataset_md5, config_hash, code_rev, artifact_type])[:16]
 
 
-def find_version(cfg: MlflowConfig, name: str, key: str) -> ModelVersion | None:
+def find_version(mcfg: MlflowConfig, name: str, key: str) -> ModelVersion | None:
     """The oldest version with this key. Newer ones are duplicates, left by a create whose reply
     was lost before a retry (at-least-once over HTTP); they are deleted so the key stays unique."""
     client = MlflowClient()
@@ -224,7 +224,7 @@ def find_version(cfg: MlflowConfig, name: str, key: str) -> ModelVersion | None:
     return same[0] if same else None
 
 
-def model_card(pipeline: PipelineConfig, lineage: Lineage, metrics: dict[str, float]) -> str:
+def model_card(cfg: PipelineConfig, lineage: Lineage, metrics: dict[str, float]) -> str:
     """The version's description in the registry: what it is, what made it, how good it is."""
     metric = ["| metric | base | tuned | tuned - base (95% CI) |", "| --- | --- | --- | --- |"]
     for name in ("rougeL", "rouge1", "bleu", "chrf", "exact_match", "perplexity"):
@@ -234,13 +234,13 @@ def model_card(pipeline: PipelineConfig, lineage: Lineage, metrics: dict[str, fl
                   f"{metrics[f'delta_base_{name}_hi']:+.4f})" if delta is not None else "")
             metric.append(f"| {name} | {metrics[f'base_{name}']:.4f} | "
                           f"{metrics[f'tuned_{name}']:.4f} | {ci} |")
-    lora = pipeline.peft_config
-    train = pipeline.training_config
+    lora = cfg.peft_config
+    train = cfg.training_config
     return "\n".join([
-        f"# {pipeline.name}: LoRA adapter for `{lineage.base_model}`", "",
+        f"# {cfg.name}: LoRA adapter for `{lineage.base_model}`", "",
         f"- data: DVC md5 `{lineage.dataset_md5}` at git `{lineage.data_git_rev}`",
         f"- code: git `{lineage.code_git_rev}`; pipeline config hash `{lineage.config_hash}`",
-        f"- LoRA ({pipeline.adapter.backend}): r={lora.r}, alpha={lora.lora_alpha}, "
+        f"- LoRA ({cfg.adapter.backend}): r={lora.r}, alpha={lora.lora_alpha}, "
         f"dropout={lora.lora_dropout}, "
         f"targets {', '.join(lora.target_modules)}",
         f"- training: lr {train.learning_rate}, batch {train.per_device_train_batch_size} x "
@@ -251,7 +251,7 @@ def model_card(pipeline: PipelineConfig, lineage: Lineage, metrics: dict[str, fl
 
 
 def register_adapter(
-    cfg: MlflowConfig, run_id: str, adapter_dir: Path | None, base_dir: Path | None,
+    mcfg: MlflowConfig, run_id: str, adapter_dir: Path | None, base_dir: Path | None,
     lineage: Lineage, metrics: dict[str, float], max_new_tokens: int,
     evaluated_against: str | None = None, card: str = "", artifact_type: str = "adapter",
 ) -> ModelVersion:
@@ -259,15 +259,17 @@ def register_adapter(
     (data, config, code) gives the existing version, also when a retry follows a failure.
     A merged model (`artifact_type="merged"`, base_dir = merged weights, no adapter) goes to
     `<name>-merged`, without aliases: promotion is decided on the adapter."""
-    with_retries("reach MLflow", lambda: connect(cfg))
-    name = cfg.registered_model if artifact_type == "adapter" else f"{cfg.registered_model}-merged"
+    with_retries("reach MLflow", lambda: connect(mcfg))
+    name = mcfg.registered_model
+    if artifact_type != "adapter":
+        name = f"{name}-merged"
     key = registration_key(lineage.dataset_md5, lineage.config_hash, lineage.code_git_rev,
                            artifact_type)
 
-    existed = find_version(cfg, name, key) is not None  # a rerun: its aliases stay as they are
+    existed = find_version(mcfg, name, key) is not None  # a rerun: its aliases stay as they are
 
     def register_once() -> ModelVersion:
-        existing = find_version(cfg, name, key)
+        existing = find_version(mcfg, name, key)
         if existing is not None:
             log.info("%s v%s already holds this data, config and code", name, existing.version)
             return existing
@@ -288,7 +290,7 @@ def register_adapter(
                 "phi3ops.run_id": run_id, "phi3ops.registration_key": key,
                 MANIFEST_TAG: artifact_manifest(adapter_dir, base_dir),  # checked on every load
                 f"{HISTORY}001": history_entry("registered" + (
-                    f", @{cfg.challenger_alias}" if artifact_type == "adapter" else ""),
+                    f", @{mcfg.challenger_alias}" if artifact_type == "adapter" else ""),
                     f"run {run_id}"),
                 **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()}}
         if evaluated_against is not None:  # the champion scored on the same split in this run
@@ -296,24 +298,24 @@ def register_adapter(
         return mlflow.register_model(info.model_uri, name, tags=tags)
 
     with_retries(f"register {name}", register_once)
-    version = with_retries("check the key is unique", lambda: find_version(cfg, name, key))
+    version = with_retries("check the key is unique", lambda: find_version(mcfg, name, key))
     client = MlflowClient()
     with_retries("describe the version", lambda: client.update_model_version(
         name, version.version, description=card))
     if artifact_type == "adapter" and not existed:  # never back to an older version
         with_retries("set @challenger", lambda: client.set_registered_model_alias(
-            name, cfg.challenger_alias, version.version))
+            name, mcfg.challenger_alias, version.version))
     return version
 
 
-def alias_version(cfg: MlflowConfig, alias: str) -> ModelVersion | None:
+def alias_version(mcfg: MlflowConfig, alias: str) -> ModelVersion | None:
     try:
-        return MlflowClient().get_model_version_by_alias(cfg.registered_model, alias)
+        return MlflowClient().get_model_version_by_alias(mcfg.registered_model, alias)
     except MlflowException:
         return None
 
 
-def already_decided(cfg: MlflowConfig, dataset_md5: str, config_hash: str,
+def already_decided(mcfg: MlflowConfig, dataset_md5: str, config_hash: str,
                     code_rev: str) -> ModelVersion | None:
     """The version already trained on this very data, config and code, champion or not, once
     its promotion was decided (a version whose run died before that is trained again: the run
@@ -321,35 +323,35 @@ def already_decided(cfg: MlflowConfig, dataset_md5: str, config_hash: str,
     proves its code is the same."""
     if code_rev.endswith("-dirty") or code_rev == "unversioned":
         return None
-    found = find_version(cfg, cfg.registered_model,
+    found = find_version(mcfg, mcfg.registered_model,
                          registration_key(dataset_md5, config_hash, code_rev))
     return found if found is not None and "promotion.decision" in found.tags else None
 
 
-def check_registered(cfg: MlflowConfig, uri: str) -> ModelVersion:
+def check_registered(mcfg: MlflowConfig, uri: str) -> ModelVersion:
     """Before any heavy work: the version behind `uri` exists and phi3ops registered it."""
-    return inspect_version(cfg.tracking_uri, uri)
+    return inspect_version(mcfg.tracking_uri, uri)
 
 
-def load_registered(cfg: MlflowConfig, uri: str):
+def load_registered(mcfg: MlflowConfig, uri: str):
     """The chat model (serving.Phi3ChatModel) behind `models:/NAME@ALIAS`, `models:/NAME/N` or
     `runs:/ID/adapter`, loaded by phi3ops' own code from files checked against the hashes
     recorded at registration. Never mlflow.pyfunc.load_model: it runs whatever code a version
     names, and anyone who can write to the registry can add a version (trusted_load.py)."""
-    return load_verified(cfg.tracking_uri, uri)[1]
+    return load_verified(mcfg.tracking_uri, uri)[1]
 
 
-def load_chat_model(cfg: MlflowConfig, uri: str):
+def load_chat_model(mcfg: MlflowConfig, uri: str):
     """(model, tokenizer) inside a registered phi3ops model, for scoring or generation."""
-    chat = load_registered(cfg, uri)
+    chat = load_registered(mcfg, uri)
     return chat.model, chat.tokenizer
 
 
-def load_champion(cfg: MlflowConfig):
+def load_champion(mcfg: MlflowConfig):
     """(version, (model, tokenizer)) of the current champion, to score it on this run's split;
     None when there is no champion yet."""
-    champion = alias_version(cfg, cfg.champion_alias)
+    champion = alias_version(mcfg, mcfg.champion_alias)
     if champion is None:
         return None
     return champion.version, load_chat_model(
-        cfg, f"models:/{cfg.registered_model}/{champion.version}")
+        mcfg, f"models:/{mcfg.registered_model}/{champion.version}")
