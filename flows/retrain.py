@@ -31,7 +31,7 @@ from flows.tasks import (
     train_adapter,
     version_data,
 )
-from phi3ops import data, locking, pipeline, promotion, registry, report
+from phi3ops import locking, pipeline, promotion, registry, report
 from phi3ops.config import (
     MlflowConfig,
     PipelineConfig,
@@ -39,7 +39,6 @@ from phi3ops.config import (
     load_config,
     load_mlflow_config,
 )
-from phi3ops.preflight import preflight
 
 
 @flow(name="retrain", persist_result=True, result_serializer="json")
@@ -68,16 +67,19 @@ def in_project(root: str | Path) -> Flow:
 def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
                data_rev: str | None, force: bool) -> dict:
     logger = get_run_logger()
-    checked = preflight(cfg, paths.models)  # machine, weights, chat template: fail fast
-    run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
-    for dead in registry.close_dead_runs(mcfg, run_id):
+    started = pipeline.start(paths, cfg, mcfg)  # preflight, then the MLflow run
+    run_id, code_rev = started.run_id, started.code_rev
+    for dead in started.closed_runs:
         logger.warning("MLflow run %s was RUNNING, but its process is gone: marked FAILED", dead)
     stage, before = "version_data", None
+
+    def at(name: str) -> None:
+        nonlocal stage
+        stage = name
+
     try:
         dataset = pipeline.checkout(paths, cfg, data_rev, run_id, checkout_version=version_data)
-        code_rev = data.git_rev(paths.root)
-        same = None if force else registry.already_decided(
-            mcfg, dataset.md5, cfg.config_hash(), code_rev)
+        same = None if force else pipeline.made_before(mcfg, cfg, dataset, code_rev)
         if same is not None:
             result, markdown = report.nothing_changed(run_id, cfg.name, same, dataset.md5)
             create_markdown_artifact(key="retrain-summary", markdown=markdown)
@@ -85,13 +87,13 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
             return result
         if drift := pipeline.data_drift(paths, cfg, mcfg, dataset, run_id):
             create_markdown_artifact(key="data-drift", markdown=drift)
-        stage = "preprocess"
-        prepared = pipeline.prepare(paths, cfg, dataset, checked, run_id,
+        at("preprocess")
+        prepared = pipeline.prepare(paths, cfg, dataset, started.checked, run_id,
                                     run_preprocess=preprocess_cached)
         logger.info("preprocess: %s", prepared.prep.summary())
         if prepared.template_note:
             logger.warning(prepared.template_note)
-        stage = "train"
+        at("train")
         requirements_checked = registry.check_requirements_in_background()  # while it trains
         out_dir = pipeline.run_dir(paths, mcfg, cfg, dataset.md5, code_rev)
         if force:  # trained from scratch, not resumed from what an earlier run left
@@ -100,7 +102,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
                                run_training=train_adapter)
         if trained.resumed_from:
             logger.info("training resumed from %s", trained.resumed_from)
-        stage = "evaluate"
+        at("evaluate")
         champion = registry.load_champion(mcfg)
         champion_version = champion[0] if champion else None
         scores = pipeline.score(paths, cfg, prepared, Path(trained.adapter_dir),
@@ -114,10 +116,9 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
             txn.set("mlflow", mcfg)
             txn.set("aliases_before", before)
             txn.set("run_id", run_id)
-            stage = "register, promote, record"
             version, decision = pipeline.publish(
-                paths, cfg, mcfg, checked, prepared, trained, out_dir, code_rev, metrics, run_id,
-                champion_version, lambda v: txn.set("version", v.version),
+                paths, cfg, mcfg, started.checked, prepared, trained, out_dir, code_rev, metrics,
+                run_id, champion_version, lambda v: txn.set("version", v.version), at,
                 register=register_adapter, merge=merge, promote=promote, record=record_decision)
     except BaseException as e:
         registry.end_run(run_id, failed=True)

@@ -57,11 +57,10 @@ def command(job_path: Path, nproc: int) -> list[str]:
 
 def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
                  run_id: str | None = None, tracking_uri: str | None = None):
-    """Train in child process(es) and return their TrainResult; raise if they fail or hang."""
-    from phi3ops.preflight import check_runtime
+    """Train in child process(es) and return their TrainResult; raise if they fail or hang.
+    Callers run preflight first; a child refuses what this machine cannot run all the same."""
     from phi3ops.train import TrainResult
 
-    check_runtime(cfg)  # no CUDA for QLoRA/FSDP: say so now, not from inside a child
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (RESULT_FILE, ERROR_FILE, METRICS_FILE):  # a retry's metrics are forwarded anew
         (out_dir / name).unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import types
 
 import torch
 from torch import nn
-from trl.trainer.utils import FusedCausalLMOutput
+from trl.trainer.utils import FusedCausalLMOutput  # TRL exports its protocol's type only here
 
 ROWS_PER_TILE = 256  # a tile's fp32 logits: 256 x 32,064 x 4 bytes = 33 MB
 

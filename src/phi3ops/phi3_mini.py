@@ -10,7 +10,7 @@ of real weights cannot be downloaded.
 from __future__ import annotations
 
 import torch
-from transformers import Phi3Config, Phi3ForCausalLM
+from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
 HUB_ID = "microsoft/Phi-3-mini-4k-instruct"
 CONFIG = {
@@ -43,4 +43,4 @@ def build_phi3_mini(device: str | torch.device = "meta", dtype: torch.dtype = to
     """The full-size architecture: on 'meta' it holds no memory; elsewhere random weights."""
     config = phi3_mini_config(**overrides)
     with torch.device(device):
-        return Phi3ForCausalLM._from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)

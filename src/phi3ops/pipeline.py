@@ -22,7 +22,7 @@ from pathlib import Path
 from phi3ops import data, drift, launch, preprocess, promotion, registry, report
 from phi3ops.config import MlflowConfig, PipelineConfig, ProjectPaths, sha256_json
 from phi3ops.data import DatasetVersion
-from phi3ops.preflight import Preflight
+from phi3ops.preflight import Preflight, preflight
 from phi3ops.preprocess import PreprocessResult
 
 
@@ -37,6 +37,32 @@ class Prepared:
     @property
     def data_dir(self) -> Path:
         return Path(self.prep.out_dir)
+
+
+@dataclass(frozen=True)
+class Started:
+    """A retrain that passed preflight and has its MLflow run."""
+
+    checked: Preflight
+    run_id: str
+    code_rev: str  # git HEAD, '-dirty' when tracked files differ: part of what made a version
+    closed_runs: list[str]  # runs left RUNNING by a process that died, marked FAILED now
+
+
+def start(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig) -> Started:
+    """Preflight first (machine, weights, chat template: seconds, before any data moves), then
+    the run; a run an earlier process left RUNNING when it died is closed as FAILED."""
+    checked = preflight(cfg, paths.models)
+    run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
+    return Started(checked, run_id, data.git_rev(paths.root),
+                   registry.close_dead_runs(mcfg, run_id))
+
+
+def made_before(mcfg: MlflowConfig, cfg: PipelineConfig, dataset: DatasetVersion,
+                code_rev: str):
+    """The registered, decided version this data, config and code made already (or None):
+    training again would repeat it."""
+    return registry.already_decided(mcfg, dataset.md5, cfg.config_hash(), code_rev)
 
 
 def checkout(paths: ProjectPaths, cfg: PipelineConfig, data_rev: str | None = None,
@@ -135,6 +161,7 @@ def publish(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig, checke
             prepared: Prepared, trained, out_dir: Path, code_rev: str, metrics: dict[str, float],
             run_id: str, champion_version: str | None,
             on_registered: Callable = lambda version: None,
+            on_stage: Callable[[str], None] = lambda stage: None,
             register: Callable = registry.register_adapter, merge: Callable | None = None,
             promote: Callable | None = None, record: Callable | None = None):
     """Register the adapter (and the merged model when asked), then promote it under the policy
@@ -146,17 +173,21 @@ def publish(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig, checke
     made_by = lineage(cfg, prepared.dataset, code_rev)
     base_dir = Path(checked.model_path) if Path(checked.model_path).is_dir() else None
     card = registry.model_card(cfg, made_by, metrics)
+    on_stage("register")
     version = register(mcfg, run_id, Path(trained.adapter_dir), base_dir, made_by, metrics,
                        cfg.evaluation.max_new_tokens, evaluated_against=champion_version,
                        card=card)
     on_registered(version)
     if cfg.registration.merged:
+        on_stage("merge")
         merged_dir = merge(cfg.model, Path(trained.adapter_dir), out_dir / "merged", paths.models)
         register(mcfg, run_id, None, merged_dir, made_by, metrics,
                  cfg.evaluation.max_new_tokens, card=card, artifact_type="merged")
     if "promotion.decision" in version.tags:  # a rerun: that decision stands
         decision = report.standing_decision(version, champion_version)
     else:
+        on_stage("promote")
         decision = promote(mcfg, version.version, by=f"run {run_id}")
+    on_stage("record")
     record(mcfg, run_id, decision)
     return version, decision

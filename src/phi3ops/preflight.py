@@ -3,6 +3,9 @@
     phi3ops run      # runs this first, in seconds, before Prefect starts or data is versioned
 
 A run that would fail an hour in, inside a training child, fails here instead with the fix.
+`phi3ops run` checks before Prefect starts (the error in seconds, not after the server's 15 s)
+and the flow checks again as its first step (a deployment has no CLI in front of it); the
+second check finds the model built and takes about 3 ms.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
-from mlflow.utils.time import get_current_time_millis
+from mlflow.utils.requirements_utils import (  # not public: the check log_model runs itself,
+    warn_dependency_requirement_mismatches,  # run early here to warm its cache
+)
 
 from phi3ops.config import MlflowConfig, PipelineConfig, sha256_json
 from phi3ops.errors import RegistryError
@@ -108,7 +109,7 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
 def log_metric_steps(run_id: str, points: list[tuple[int, dict[str, float]]],
                      tracking_uri: str | None = None) -> None:
     """Metrics of several steps in as few calls as MLflow's batch limit allows."""
-    now = get_current_time_millis()
+    now = int(time.time() * 1000)  # MLflow's timestamps: epoch milliseconds
     metrics = [Metric(k, float(v), now, step) for step, values in points
                for k, v in values.items()]
     client = MlflowClient(tracking_uri)

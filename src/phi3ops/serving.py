@@ -44,7 +44,7 @@ class Phi3ChatModel(mlflow.pyfunc.PythonModel):
         """The one way a registered model is loaded, by MLflow and by phi3ops' trusted loader:
         weights from safetensors only, tokenizer and model without remote code, the adapter with
         phi3ops' own code. A merged model has no adapter; a hub base has no base_dir."""
-        from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from phi3ops import adapters
