@@ -21,8 +21,16 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["flows", "pipelines", "mlflow.yaml", "data.dvc", ".dvc/config", ".dvcignore",
-                 ".gitignore"]
+PROJECT_FILES = ["flows", "pipelines", "mlflow.yaml", ".gitignore"]
+# The test projects' own DVC settings: a local remote beside the project, whatever the user's
+# checkout points its remote at.
+DVC_CONFIG = """[core]
+    analytics = false
+    remote = local
+['remote "local"']
+    url = ../.dvc-remote
+    verify = true
+"""
 
 
 def git(root: Path, *args: str) -> str:
@@ -71,22 +79,47 @@ def processed(tmp_path_factory, tiny_config, tiny_models) -> Path:
     return Path(prep.out_dir)
 
 
-@pytest.fixture
-def project(tmp_path, tiny_models) -> Path:
-    """A fresh clone of the project: git repo with data.dvc committed, no data/, empty remote."""
-    root = tmp_path / "project"
+def new_project(root: Path, demo_dvc_file: str, checkout: Path = REPO) -> Path:
+    """A clone of `checkout`'s code and settings with a data.dvc of the seeded demo dataset
+    (not the checkout's, which records the user's own data), no data/ and an empty remote."""
     for name in PROJECT_FILES:
-        src, dst = REPO / name, root / name
+        src, dst = checkout / name, root / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
-    (root / ".cache").mkdir()
-    (root / ".cache" / "models").symlink_to(tiny_models)
+    (root / ".dvc").mkdir()
+    (root / ".dvc" / "config").write_text(DVC_CONFIG)
+    (root / "data.dvc").write_text(demo_dvc_file)
     git(root, "init", "-q", "-b", "main")
     git(root, "add", "-A")
     git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_dvc_file(tmp_path_factory) -> str:
+    """data.dvc of the seeded demo dataset, made by `dvc add` in a scratch repo once a session."""
+    from phi3ops.config import DataConfig
+    from phi3ops.data import record_version
+    from phi3ops.demo_data import write_demo_dataset
+
+    scratch = tmp_path_factory.mktemp("demo-dvc")
+    (scratch / ".dvc").mkdir()
+    (scratch / ".dvc" / "config").write_text(DVC_CONFIG)
+    git(scratch, "init", "-q", "-b", "main")
+    write_demo_dataset(scratch / "data")
+    record_version(scratch, DataConfig(push=False))
+    return (scratch / "data.dvc").read_text()
+
+
+@pytest.fixture
+def project(tmp_path, tiny_models, demo_dvc_file) -> Path:
+    """A fresh clone of the project: git repo with data.dvc committed, no data/, empty remote."""
+    root = new_project(tmp_path / "project", demo_dvc_file)
+    (root / ".cache").mkdir()
+    (root / ".cache" / "models").symlink_to(tiny_models)
     return root
 
 

@@ -21,7 +21,7 @@ from phi3ops.data import (
 )
 from phi3ops.drift import diff_dirs
 from phi3ops.ingest import Columns, import_dataset
-from tests.conftest import git
+from tests.conftest import PROJECT_FILES, REPO, git, new_project
 
 CFG = DataConfig()
 
@@ -31,6 +31,28 @@ def tiny_models(tmp_path_factory) -> Path:
     """Overrides conftest's for `project`: the data code never loads a model, so these tests
     do not wait for the tiny one to be built."""
     return tmp_path_factory.mktemp("no-models")
+
+
+def test_test_projects_ignore_the_data_and_remote_the_user_committed(tmp_path, demo_dvc_file):
+    """A user's checkout records their own data (and may push it to their own bucket); the
+    projects the tests build still hold the demo dataset and a remote of their own."""
+    user = tmp_path / "user-checkout"
+    for name in PROJECT_FILES:
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy2)(REPO / name, user / name)
+    (user / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n"
+                                   "  size: 5\n  nfiles: 1\n  hash: md5\n  path: data\n")
+    (user / ".dvc").mkdir()
+    (user / ".dvc" / "config").write_text(
+        "[core]\n    remote = team\n['remote \"team\"']\n    url = s3://team-bucket/dvc\n")
+    git(user, "init", "-q", "-b", "main")
+    git(user, "add", "-A")
+    git(user, "-c", "user.name=u", "-c", "user.email=u@u", "commit", "-qm", "our own data")
+
+    project = new_project(tmp_path / "project", demo_dvc_file, checkout=user)
+    version = checkout_version(project, CFG)  # the empty remote lacks it: the demo is regenerated
+    assert version.md5 == recorded_md5(project / "data.dvc") != recorded_md5(user / "data.dvc")
+    assert version.n_rows > 0 and git_rev(project) == git(project, "rev-parse", "HEAD")
+    assert "s3://" not in (project / ".dvc" / "config").read_text()
 
 
 def row(q: str, a: str) -> str:
