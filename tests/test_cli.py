@@ -78,8 +78,22 @@ def test_train_runs_in_a_child_process_and_prints_its_result(project):
     assert "training peft adapter on 1 process(es)" in result.stdout
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["global_step"] == 4 and summary["world_size"] == 1
-    assert (project / "runs" / "cli" / "adapter" / "adapter_model.safetensors").is_file()
-    assert (project / "runs" / "cli" / "train.log").is_file()
+    adapter = project / "runs" / "cli" / "adapter" / "adapter_model.safetensors"
+    assert adapter.is_file() and (project / "runs" / "cli" / "train.log").is_file()
+
+    # The same run directory again: it is finished, so nothing trains past max_steps.
+    weights = adapter.read_bytes()
+    again = phi3ops("train", "training_config.max_steps=4", "training_config.save_steps=2",
+                    "--root", str(project), "--out", str(project / "runs" / "cli"))
+    assert again.returncode == 0, again.stderr
+    assert "is trained already (step 4 of 4)" in again.stdout and "--force" in again.stdout
+    assert json.loads(again.stdout[again.stdout.index("{"):])["global_step"] == 4
+    assert adapter.read_bytes() == weights
+    forced = phi3ops("train", "training_config.max_steps=4", "training_config.save_steps=2",
+                     "--root", str(project), "--out", str(project / "runs" / "cli"), "--force")
+    retrained = json.loads(forced.stdout[forced.stdout.index("{"):])
+    assert retrained["global_step"] == 4 and retrained["resumed_from"] is None
+    assert not retrained["already_finished"]
 
 
 def test_qlora_without_cuda_stops_at_once():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -94,6 +95,8 @@ def train(
     out: Annotated[Path | None, typer.Option(
         help="run directory (checkpoints, adapter); rerun with the same one to resume")] = None,
     data_rev: Annotated[str | None, typer.Option(help="dataset of this git rev or tag")] = None,
+    force: Annotated[bool, typer.Option(
+        help="train from scratch: drop the run directory's checkpoints and adapter")] = False,
 ):
     """Train an adapter on the current dataset, outside the flow (no MLflow run, no registry)."""
     from phi3ops import pipeline as stages
@@ -107,9 +110,16 @@ def train(
     if prepared.template_note:
         typer.echo(f"warning: {prepared.template_note}", err=True)
     out_dir = (out or paths.runs / f"train-{cfg.name}-{cfg.config_hash()}").resolve()
+    if force:
+        for name in ("checkpoints", "adapter"):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
     typer.echo(f"training {cfg.adapter.backend} adapter on {cfg.launch.nproc} process(es); "
                f"log: {out_dir / 'train.log'}")
     result = stages.fit(paths, cfg, prepared, out_dir)
+    if result.already_finished:
+        typer.echo(f"{out_dir} is trained already (step {result.global_step} of "
+                   f"{cfg.training_config.max_steps}): adapter in {result.adapter_dir}; "
+                   "--force trains it again from scratch")
     typer.echo(json.dumps({k: v for k, v in result.to_json().items() if k != "history"},
                           indent=2))
 

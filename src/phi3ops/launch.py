@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from phi3ops.config import PipelineConfig, write_json_atomic
@@ -55,12 +56,31 @@ def command(job_path: Path, nproc: int) -> list[str]:
             f"--nproc_per_node={nproc}", "-m", "phi3ops.launch", str(job_path)]
 
 
+def finished(cfg: PipelineConfig, out_dir: Path):
+    """The result of a run directory already trained to max_steps, or None: resuming from its
+    final checkpoint would train one step past it and overwrite the adapter."""
+    from phi3ops.checkpoints import latest_complete
+    from phi3ops.train import TrainResult
+
+    result_file = out_dir / RESULT_FILE
+    if not result_file.is_file() or not (out_dir / "adapter").is_dir():
+        return None
+    done = TrainResult(**json.loads(result_file.read_text()))
+    newest = latest_complete(out_dir / "checkpoints")  # gone after a forced retrain
+    if (done.global_step < cfg.training_config.max_steps or newest is None
+            or newest.name != f"checkpoint-{done.global_step}"):
+        return None
+    return replace(done, already_finished=True)
+
+
 def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
                  run_id: str | None = None, tracking_uri: str | None = None):
     """Train in child process(es) and return their TrainResult; raise if they fail or hang.
     Callers run preflight first; a child refuses what this machine cannot run all the same."""
     from phi3ops.train import TrainResult
 
+    if (done := finished(cfg, out_dir)) is not None:
+        return done
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (RESULT_FILE, ERROR_FILE, METRICS_FILE):  # a retry's metrics are forwarded anew
         (out_dir / name).unlink(missing_ok=True)

@@ -55,6 +55,7 @@ class TrainResult:
     total_params: int
     world_size: int = 1
     history: list[dict] = field(default_factory=list)
+    already_finished: bool = False  # a rerun found this run directory trained to max_steps
 
     def to_json(self) -> dict:
         return asdict(self)
