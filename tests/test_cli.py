@@ -36,6 +36,7 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("run", "chat", "promote", "data"):
         assert command in result.stdout
+    assert "fine-tuned on your own data" in result.stdout, "the first line says what it does"
 
 
 def test_data_validate_reports_rules_and_exit_code(tmp_path):

@@ -134,6 +134,14 @@ def test_missing_data_without_demo_fallback_is_a_clear_error(project):
         checkout_version(project, DataConfig(demo_if_missing=False))
 
 
+def test_a_missing_tag_is_named_as_the_cause(project):
+    with pytest.raises(DataError, match=r"no git commit, branch or tag named 'data-v1'.*git tag"):
+        checkout_version(project, CFG, "data-v1")
+    git(project, "tag", "data-v1")
+    checkout_version(project, CFG)  # the demo data, regenerated and pushed to the remote
+    assert checkout_version(project, CFG, "data-v1").md5 == recorded_md5(project / "data.dvc")
+
+
 def test_outside_a_dvc_repo_is_a_clear_error(tmp_path):
     (tmp_path / "data.dvc").write_text("outs:\n- md5: abc.dir\n  path: data\n")
     (tmp_path / "data").mkdir()

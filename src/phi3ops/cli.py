@@ -1,4 +1,4 @@
-"""The `phi3ops` command.
+"""Keep a Phi-3 chat model fine-tuned on your own data: DVC versions -> LoRA -> MLflow registry.
 
     phi3ops run --pipeline pipelines/tiny-cpu.yaml        # the whole retrain flow
     phi3ops train --pipeline pipelines/tiny-cpu.yaml --nproc 2   # only training (DDP)
@@ -7,7 +7,7 @@
     phi3ops promote --version 3 | phi3ops promote --rollback
     phi3ops trust --version 2      # record the file hashes of a version registered before them
     phi3ops plan --pipeline pipelines/phi3-mini-lora.yaml --gpu H200   # size a run, no weights
-    phi3ops data add PATH | version | status | validate PATH | diff REV_A REV_B
+    phi3ops data add PATH | version | status | validate PATH | diff REV_A REV_B | demo
 """
 
 from __future__ import annotations

@@ -252,7 +252,12 @@ def checkout_version(root: Path, cfg: DataConfig, rev: str | None = None) -> Dat
 def _checkout_rev(root: Path, cfg: DataConfig, rev: str) -> DatasetVersion:
     """Materialise the dataset of a git rev under .cache/data/<md5> through the DVC API."""
     try:
-        sha = _git(root, "rev-parse", "--verify", f"{rev}^{{commit}}")
+        sha = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        raise DataError(f"{root}: no git commit, branch or tag named {rev!r}; `git tag --list` "
+                        f"shows the tags, and `git tag {rev} COMMIT` names a commit whose "
+                        f"{cfg.dvc_file} recorded that data") from None
+    try:
         dvc_text = _git(root, "show", f"{sha}:{cfg.dvc_file}")
     except subprocess.CalledProcessError as e:
         raise DataError(f"git rev {rev!r} has no {cfg.dvc_file}: {e.stderr.strip()}") from e
