@@ -150,6 +150,28 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert client.get_model_version(f"{MODEL}-merged", "1").tags[
         "phi3ops.artifact_type"] == "merged"
 
+    # `phi3ops models` lists both versions; `models diff` shows what changed between them.
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "phi3ops.cli", *args, "--root", str(project)],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    listed = cli("models")
+    assert listed.returncode == 0, listed.stderr
+    header, newest, oldest = listed.stdout.splitlines()
+    assert header.split()[:4] == ["version", "aliases", "decision", "rougeL"]
+    assert newest.split()[:3] == ["2", "@challenger", third_version.tags["promotion.decision"]]
+    assert oldest.split()[:3] == ["1", "@champion", "promoted"]
+    assert f"{metrics['tuned_rougeL']:.4f} ({metrics['delta_base_rougeL']:+.4f} vs base" in oldest
+    compared = cli("models", "diff", "1", "2")
+    assert compared.returncode == 0, compared.stderr
+    changed = [line.split() for line in compared.stdout.splitlines() if "max_steps" in line]
+    assert [words[0] for words in changed] == ["-", "+"] and changed[1][-1] == "5", changed
+    assert "the same dataset" in compared.stdout
+    missing = cli("models", "diff", "1", "9")
+    assert missing.returncode == 2 and "has no version 9" in missing.stderr
+    by_number = cli("chat", "--version", "1", "What is the capital of Italy?")
+    assert by_number.returncode == 0 and "Rome" in by_number.stdout, by_number.stderr
+
     # Runs that fail are marked FAILED and never move an alias: first a data file changed
     # behind DVC's back, then the same file recorded as a version in which every row is invalid.
     def last_run():

@@ -1,0 +1,111 @@
+"""The registry as a user reads it: every version with its aliases, decision, key metric and
+data; and two versions side by side (metrics, config, data).
+
+    phi3ops models                 # one line per version, newest first
+    phi3ops models diff 1 3        # what changed from v1 to v3
+"""
+
+from __future__ import annotations
+
+import difflib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
+from phi3ops.config import DataConfig, MlflowConfig
+from phi3ops.errors import ConfigError
+from phi3ops.registry import connect
+
+
+def _metric(version: ModelVersion, key: str) -> float | None:
+    value = version.tags.get(f"metric.{key}")
+    return None if value is None else float(value)
+
+
+def key_metric(version: ModelVersion, metric: str) -> str:
+    """The tuned model's score and its gain over the base with the 95% interval."""
+    tuned, gain = _metric(version, f"tuned_{metric}"), _metric(version, f"delta_base_{metric}")
+    if tuned is None:
+        return "-"
+    text = f"{tuned:.4f}"
+    lo, hi = (_metric(version, f"delta_base_{metric}_{end}") for end in ("lo", "hi"))
+    if gain is not None and lo is not None and hi is not None:
+        text += f" ({gain:+.4f} vs base, 95% CI {lo:+.4f}..{hi:+.4f})"
+    return text
+
+
+def list_versions(mcfg: MlflowConfig) -> list[dict]:
+    """Each registered version, newest first, with what a user compares versions by."""
+    connect(mcfg)
+    client = MlflowClient()
+    aliases: dict[str, list[str]] = {}
+    for alias, number in client.get_registered_model(mcfg.registered_model).aliases.items():
+        aliases.setdefault(str(number), []).append(f"@{alias}")
+    found = client.search_model_versions(f"name='{mcfg.registered_model}'",
+                                         order_by=["version_number DESC"])
+    return [{
+        "version": int(v.version), "aliases": sorted(aliases.get(v.version, [])),
+        "decision": v.tags.get("promotion.decision", "undecided"),
+        mcfg.promotion.metric: key_metric(v, mcfg.promotion.metric),
+        "data_md5": v.tags.get("phi3ops.dataset_md5", "?")[:12],
+        "created": datetime.fromtimestamp(v.creation_timestamp / 1000, UTC).strftime(
+            "%Y-%m-%d %H:%M"),
+    } for v in found]
+
+
+def table(rows: list[dict]) -> str:
+    """Rows as aligned columns, the way `git log --oneline` users scan them."""
+    if not rows:
+        return "no registered versions yet: `phi3ops run` trains and registers one"
+    cells = [[str(k) for k in rows[0]]] + [
+        [" ".join(v) if isinstance(v, list) else str(v) for v in row.values()] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
+def _version(mcfg: MlflowConfig, number: str) -> ModelVersion:
+    client = MlflowClient()
+    try:
+        return client.get_model_version(mcfg.registered_model, str(number))
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"{mcfg.registered_model} has no version {number}: `phi3ops models` "
+                          "lists the versions") from None
+
+
+def _config_yaml(version: ModelVersion) -> list[str]:
+    """The resolved pipeline config its run logged (config.yaml), as lines."""
+    run_id = version.tags.get("phi3ops.run_id") or version.run_id
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    return yaml.safe_dump(yaml.safe_load(text), sort_keys=True).splitlines()
+
+
+def diff(mcfg: MlflowConfig, a: str, b: str, root: Path, data_cfg: DataConfig) -> str:
+    """Metrics (with intervals), the config diff and the data diff of two versions."""
+    from phi3ops.data import checkout_version
+    from phi3ops.drift import diff_dirs
+
+    connect(mcfg)
+    va, vb = _version(mcfg, a), _version(mcfg, b)
+    metric = mcfg.promotion.metric
+    out = [f"# {mcfg.registered_model} v{va.version} -> v{vb.version}", "",
+           f"{metric}: v{va.version} {key_metric(va, metric)}",
+           f"{' ' * len(metric)}  v{vb.version} {key_metric(vb, metric)}",
+           f"decision: v{va.version} {va.tags.get('promotion.decision', 'undecided')}, "
+           f"v{vb.version} {vb.tags.get('promotion.decision', 'undecided')}", "", "## config"]
+    config = list(difflib.unified_diff(_config_yaml(va), _config_yaml(vb), f"v{va.version}",
+                                       f"v{vb.version}", lineterm="", n=1))
+    out += config or ["the same resolved config"]
+    out += ["", "## data"]
+    md5s = [v.tags.get("phi3ops.dataset_md5") for v in (va, vb)]
+    if md5s[0] == md5s[1]:
+        out.append(f"the same dataset ({md5s[0]})")
+    else:
+        revs = [v.tags["phi3ops.data_git_rev"] for v in (va, vb)]
+        a_dir, b_dir = (Path(checkout_version(root, data_cfg, rev).path) for rev in revs)
+        out.append(diff_dirs(a_dir, b_dir, f"v{va.version}", f"v{vb.version}").markdown())
+    return "\n".join(out)
