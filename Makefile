@@ -15,10 +15,12 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 PREFECT_PORT ?= 4200
 
-.PHONY: install phi3-tokenizer run test test-fast ui schedule lint clean gpu-wheels \
+.PHONY: install phi3-tokenizer run test test-fast ui prefect-server stop schedule lint clean \
+	gpu-wheels \
 	smoke-full-size
 
 $(STAMP): pyproject.toml
@@ -50,11 +52,20 @@ ui: install  ## MLflow UI over the local tracking store on http://127.0.0.1:5000
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns.db \
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
 
-schedule: install  ## local Prefect server (SQLite) + the retrain deployment on its cron
+# A persistent local Prefect server (SQLite under ~/.prefect): `phi3ops run` finds it on
+# 127.0.0.1:$(PREFECT_PORT), so runs and their artifacts stay in its UI. `make stop` ends it.
+prefect-server: install  ## local Prefect server on http://127.0.0.1:$(PREFECT_PORT), in the background
 	@curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null || \
 		( mkdir -p .cache && $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) \
-			> .cache/prefect-server.log 2>&1 & \
+			> .cache/prefect-server.log 2>&1 & echo $$! > .cache/prefect-server.pid; \
 		  until curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null; do sleep 1; done )
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT) (make stop ends it)"
+
+stop:  ## stop the Prefect server that `make prefect-server` or `make schedule` started
+	@test -f .cache/prefect-server.pid && kill $$(cat .cache/prefect-server.pid) 2>/dev/null; \
+		rm -f .cache/prefect-server.pid; echo "Prefect server stopped"
+
+schedule: prefect-server  ## local Prefect server (SQLite) + the retrain deployment on its cron
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python flows/schedule.py \
 		--pipeline $(PIPELINE)
 

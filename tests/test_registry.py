@@ -130,8 +130,12 @@ def test_previous_champion_and_rollback(mlflow_cfg):
     v2 = register(mlflow_cfg, tuned_rougeL=0.6, base_rougeL=0.2)
     assert promote(mlflow_cfg, v2).promoted
     assert alias_version(mlflow_cfg, "previous-champion").version == v1
+    client.set_registered_model_alias(mlflow_cfg.registered_model, "challenger", v2)  # as a run
     decision = rollback(mlflow_cfg)
     assert decision.version == v1 and decision.previous_champion == v2
+    assert decision.reason == (f"v{v2} rolled back by hand; @champion is v{v1} again; "
+                               "@challenger cleared")
+    assert alias_version(mlflow_cfg, "challenger") is None, "the demoted one is no candidate"
     assert alias_version(mlflow_cfg, "champion").version == v1
     assert alias_version(mlflow_cfg, "previous-champion") is None
     assert client.get_model_version(mlflow_cfg.registered_model, v2).tags[

@@ -89,7 +89,8 @@ def test_the_history_of_a_version_is_only_ever_added_to(cfg, register):
     assert events(v2)[1:] == [
         f"@champion: rougeL +0.2000 over the champion (champion v{v1}); rougeL +0.6000 over "
         "the base (by run two)",
-        f"rolled back: rolled back to v{v1} by hand (by ann@laptop)",
+        f"rolled back: v{v2} rolled back by hand; @champion is v{v1} again; @challenger "
+        "cleared (by ann@laptop)",
     ]
     assert events(v3)[1:] == [f"rejected: rougeL gain over the champion -0.3000 is not above "
                               f"0.0 (champion v{v1}); rougeL +0.1000 over the base (by run three)"]

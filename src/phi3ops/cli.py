@@ -5,6 +5,7 @@
     phi3ops chat --alias champion "What is the capital of France?"
     phi3ops evaluate --model models:/phi3ops-chat@champion
     phi3ops promote --version 3 | phi3ops promote --rollback
+    phi3ops models | phi3ops models diff 1 3      # list the versions, compare two
     phi3ops trust --version 2      # record the file hashes of a version registered before them
     phi3ops plan --pipeline pipelines/phi3-mini-lora.yaml --gpu H200   # size a run, no weights
     phi3ops data add PATH | version | status | validate PATH | diff REV_A REV_B | demo
@@ -28,6 +29,8 @@ from phi3ops.errors import ConfigError, Phi3opsError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Dataset versions (DVC).")
 app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Registered versions: list them, compare two (`models diff A B`).")
+app.add_typer(models_app, name="models")
 
 Root = Annotated[Path, typer.Option(help="project root (holds mlflow.yaml, data.dvc, flows/)")]
 Pipeline = Annotated[Path, typer.Option(help="pipeline YAML, relative to the root")]
@@ -70,6 +73,7 @@ def run(
         min=0, metavar="SECONDS", help="while another retrain of the same model runs, wait at "
         "most this long (0: fail at once); default: wait until it ends")] = None,
     mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole result as JSON")] = False,
 ):
     """Run the retrain flow: version data, preprocess, train, evaluate, register, promote."""
     from phi3ops.preflight import preflight
@@ -77,13 +81,40 @@ def run(
     paths = ProjectPaths(root)
     # Fail before Prefect starts, with the fix in the message rather than a traceback.
     preflight(load_pipeline(paths, pipeline, overrides), paths.models)
-    mlflow_settings(paths, mlflow_timeout)
+    mcfg = mlflow_settings(paths, mlflow_timeout)
+    prefect_ui = use_local_prefect_server()
     from flows.retrain import in_project
 
     retrain = in_project(paths.root)
     summary = retrain(pipeline=str(pipeline), overrides=overrides, root=str(paths.root),
                       data_rev=data_rev, force=force, lock_timeout_s=lock_timeout)
-    typer.echo(json.dumps(summary, indent=2))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    from mlflow import MlflowClient
+
+    from phi3ops.report import brief
+
+    experiment = MlflowClient(mcfg.tracking_uri).get_run(summary["run_id"]).info.experiment_id
+    typer.echo(brief(summary, mcfg, experiment))
+    typer.echo(f"  Prefect UI: {prefect_ui}" if prefect_ui else
+               "  Prefect: this run's server was temporary; start `make prefect-server` first "
+               "to keep its artifacts (retrain-summary, sample-answers) in view")
+
+
+def use_local_prefect_server(port: int = 4200) -> str | None:
+    """Point Prefect at the local server `make prefect-server` started, when one answers and no
+    PREFECT_API_URL is set, so the run and its artifacts stay in its UI. Returns the UI's URL."""
+    import urllib.request
+
+    api = os.environ.get("PREFECT_API_URL")
+    if api is None:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1)
+        except OSError:
+            return None
+        api = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    return api.removesuffix("/api")
 
 
 @app.command()
@@ -165,10 +196,12 @@ def evaluate(
 def chat(
     prompt: Annotated[str, typer.Argument(help="the user's message")],
     alias: Annotated[str, typer.Option(help="registry alias to load")] = "champion",
+    version: Annotated[str | None, typer.Option(
+        help="registered version to load instead of the alias")] = None,
     system: Annotated[str | None, typer.Option(help="optional system prompt")] = None,
     root: Root = Path("."), mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
 ):
-    """Answer one prompt with the registered model behind an alias.
+    """Answer one prompt with a registered model: the one behind an alias, or a version.
 
     Only a version phi3ops registered loads, with its files as recorded then (trusted_load.py).
     """
@@ -177,7 +210,8 @@ def chat(
     mcfg = mlflow_settings(ProjectPaths(root), mlflow_timeout)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
-    chat_model = load_registered(mcfg, f"models:/{mcfg.registered_model}@{alias}")
+    which = f"/{version}" if version is not None else f"@{alias}"
+    chat_model = load_registered(mcfg, f"models:/{mcfg.registered_model}{which}")
     typer.echo(chat_model.predict(None, {"messages": messages})[0])
 
 
@@ -197,8 +231,40 @@ def promote(
     if version is not None:  # it exists, and phi3ops registered it: never crown a foreign one
         check_registered(mcfg, f"models:/{mcfg.registered_model}/{version}")
     decision = promotion.rollback(mcfg) if rollback else promotion.promote(mcfg, version)
-    typer.echo(f"v{decision.version}: {'promoted' if decision.promoted else 'not promoted'}: "
-               f"{decision.reason}")
+    if rollback:
+        typer.echo(decision.reason)
+    else:
+        typer.echo(f"v{decision.version}: {'promoted' if decision.promoted else 'not promoted'}:"
+                   f" {decision.reason}")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(
+    ctx: typer.Context, root: Root = Path("."), mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
+    as_json: Annotated[bool, typer.Option("--json", help="the rows as JSON")] = False,
+):
+    """Every registered version, newest first: aliases, decision, key metric, data, created."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from phi3ops.versions import list_versions, table
+
+    rows = list_versions(mlflow_settings(ProjectPaths(root), mlflow_timeout))
+    typer.echo(json.dumps(rows, indent=2) if as_json else table(rows))
+
+
+@models_app.command("diff")
+def models_diff(
+    a: Annotated[str, typer.Argument(help="the older version number")],
+    b: Annotated[str, typer.Argument(help="the newer version number")],
+    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+    mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
+):
+    """Two versions side by side: metrics with intervals, the config diff, the data diff."""
+    from phi3ops.versions import diff
+
+    paths = ProjectPaths(root)
+    mcfg = mlflow_settings(paths, mlflow_timeout)
+    typer.echo(diff(mcfg, a, b, paths.root, load_pipeline(paths, pipeline).data))
 
 
 @app.command()
@@ -378,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("phi3ops").setLevel(logging.INFO)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Prefect's temporary server would send telemetry; offline, its heartbeat only fails loudly.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if argv is not None and "--debug" in argv:  # `python flows/retrain.py --debug`
         argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:

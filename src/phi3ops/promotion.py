@@ -219,7 +219,8 @@ def _point(client: MlflowClient, mcfg: MlflowConfig, alias: str, version: str | 
 
 
 def rollback(mcfg: MlflowConfig, by: str | None = None) -> PromotionDecision:
-    """`@champion` back to `@previous-champion`; the demoted version is tagged rolled-back."""
+    """`@champion` back to `@previous-champion`; the demoted version is tagged rolled-back and
+    loses `@challenger` if it held it (the next run's challenger takes it)."""
     connect(mcfg)
     client, by = MlflowClient(), by or actor()
     with promotion_lock(mcfg):
@@ -229,7 +230,12 @@ def rollback(mcfg: MlflowConfig, by: str | None = None) -> PromotionDecision:
                                 f"is not set on {mcfg.registered_model}")
         _point(client, mcfg, mcfg.champion_alias, previous.version)
         _point(client, mcfg, PREVIOUS, None)
-        reason = f"rolled back to v{previous.version} by hand"
+        reason = (f"v{champion.version} rolled back by hand; @{mcfg.champion_alias} is "
+                  f"v{previous.version} again")
+        challenger = alias_version(mcfg, mcfg.challenger_alias)
+        if challenger is not None and challenger.version == champion.version:
+            _point(client, mcfg, mcfg.challenger_alias, None)  # not a candidate any more
+            reason += f"; @{mcfg.challenger_alias} cleared"
         _tag(client, mcfg, champion.version, decision="rolled-back", reason=reason)
         _append_history(client, mcfg, champion.version, f"rolled back: {reason}", by)
         _append_history(client, mcfg, previous.version,

@@ -79,3 +79,26 @@ def summary(name: str, mcfg: MlflowConfig, run_id: str, version: ModelVersion,
         f"- promotion: {'promoted' if decision.promoted else 'not promoted'}: "
         f"{decision.reason}\n")
     return result, markdown
+
+
+def brief(result: dict, mcfg: MlflowConfig, experiment_id: str) -> str:
+    """What `phi3ops run` prints at the end: the decision, the key metric with its interval,
+    and where to look; `--json` prints the whole result instead."""
+    ui = mcfg.tracking_uri if mcfg.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    where = f"{ui}/#/experiments/{experiment_id}/runs/{result['run_id']}"
+    if not mcfg.tracking_uri.startswith("http"):
+        where += " (after `make ui`)"
+    name = mcfg.registered_model
+    if result.get("skipped"):
+        return f"{name}: {result['reason']}\n  MLflow run: {where}"
+    metric, m = mcfg.promotion.metric, result["metrics"]
+    gains = "".join(f", {m[k]:+.4f} vs {other} (95% CI {m[k + '_lo']:+.4f}..{m[k + '_hi']:+.4f})"
+                    for other in ("base", "champion") if (k := f"delta_{other}_{metric}") in m)
+    return "\n".join([
+        f"{name} v{result['version']}: {'promoted' if result['promoted'] else 'not promoted'}"
+        f" ({result['reason']})",
+        f"  {metric}: {m[f'tuned_{metric}']:.4f}{gains}",
+        f"  data: {result['dataset_md5']} ({result['rows_accepted']} rows, "
+        f"{result['rows_quarantined']} quarantined)",
+        f"  MLflow run: {where}",
+    ])
