@@ -39,6 +39,7 @@ from phi3ops.config import (
     load_config,
     load_mlflow_config,
 )
+from phi3ops.launch import LOG_FILE
 
 
 @flow(name="retrain", persist_result=True, result_serializer="json")
@@ -73,9 +74,10 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         logger.warning("MLflow run %s was RUNNING, but its process is gone: marked FAILED", dead)
     stage, before = "version_data", None
 
-    def at(name: str) -> None:
+    def at(name: str) -> None:  # what the failure report names, and the screen shows
         nonlocal stage
         stage = name
+        logger.info("stage: %s", name)
 
     try:
         dataset = pipeline.checkout(paths, cfg, data_rev, run_id, checkout_version=version_data)
@@ -98,6 +100,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         out_dir = pipeline.run_dir(paths, mcfg, cfg, dataset.md5, code_rev)
         if force:  # trained from scratch, not resumed from what an earlier run left
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        logger.info("training log: %s", out_dir / LOG_FILE)
         trained = pipeline.fit(paths, cfg, prepared, out_dir, run_id, mcfg.tracking_uri,
                                run_training=train_adapter)
         if trained.resumed_from:

@@ -66,6 +66,8 @@ def test_data_add_then_status(project, tmp_path):
     assert added.returncode == 0, added.stderr
     assert "wrote" in added.stdout and "faq.jsonl" in added.stdout
     assert "git add data.dvc && git commit" in added.stdout
+    said = added.stdout + added.stderr
+    assert said.count("git add data.dvc") == 1 and "To track the changes" not in said, said
     status = phi3ops("data", "status", "--root", str(project))
     assert status.returncode == 0, status.stderr
     assert "data/ matches data.dvc" in status.stdout

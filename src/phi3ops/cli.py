@@ -23,41 +23,30 @@ from typing import Annotated
 
 import typer
 
-from phi3ops.config import ProjectPaths, load_config, load_mlflow_config
+from phi3ops.cli_data import data_app
+from phi3ops.cli_options import (
+    DEFAULT_PIPELINE,
+    MLFLOW_TIMEOUT_S,
+    MlflowTimeout,
+    Pipeline,
+    Root,
+    load_pipeline,
+    mlflow_settings,
+)
+from phi3ops.config import ProjectPaths
 from phi3ops.errors import ConfigError, Phi3opsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
-data_app = typer.Typer(no_args_is_help=True, help="Dataset versions (DVC).")
 app.add_typer(data_app, name="data")
 models_app = typer.Typer(help="Registered versions: list them, compare two (`models diff A B`).")
 app.add_typer(models_app, name="models")
 
-Root = Annotated[Path, typer.Option(help="project root (holds mlflow.yaml, data.dvc, flows/)")]
-Pipeline = Annotated[Path, typer.Option(help="pipeline YAML, relative to the root")]
-DEFAULT_PIPELINE = Path("pipelines/tiny-cpu.yaml")
-MLFLOW_TIMEOUT_S = 60.0  # mlflow_wait.DEFAULT_TIMEOUT_S; not imported: `--help` stays fast
-MlflowTimeout = Annotated[float, typer.Option(
-    min=0, help="wait at most this long for an MLflow server that does not answer")]
 DEBUG, DEBUG_HELP = {"on": False}, "a user error's traceback too (else one paragraph, exit 2)"
 
 
 @app.callback()
 def options(debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False):
     DEBUG["on"] = debug
-
-
-def mlflow_settings(paths: ProjectPaths, timeout_s: float):
-    """mlflow.yaml resolved against the root, once its server answers (or a clear error)."""
-    from phi3ops.mlflow_wait import wait_for_mlflow
-
-    mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
-    wait_for_mlflow(mcfg.tracking_uri, timeout_s)
-    return mcfg
-
-
-def load_pipeline(paths: ProjectPaths, pipeline: Path, overrides: list[str] | None = None):
-    """The pipeline config, its relative paths (a chat template file) read from the root."""
-    return load_config(paths.pipeline(pipeline), overrides, paths.root)
 
 
 @app.command()
@@ -303,140 +292,16 @@ def plan(
     typer.echo(json.dumps(asdict(result), indent=2) if as_json else result.render())
 
 
-def _report_recorded(version, before: str | None) -> None:
-    typer.echo(f"{version.md5}  {version.n_rows} rows in {version.n_files} files")
-    if before != version.md5:
-        typer.echo(f"new version (was {before}); commit it:\n"
-                   "  git add data.dvc && git commit -m 'data: new version'")
-    else:
-        typer.echo("unchanged: data.dvc already records this version")
+def quiet_libraries() -> None:
+    """phi3ops' own lines and Prefect's stage lines on screen; the libraries' bars, banners and
+    deprecation notes off (`--debug` keeps tracebacks; the train log keeps everything)."""
+    import warnings
 
-
-@data_app.command("version")
-def data_version(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
-    """Record data/ as it is now: dvc add + dvc push."""
-    from phi3ops.data import record_version
-
-    paths = ProjectPaths(root)
-    _report_recorded(*record_version(paths.root, load_pipeline(paths, pipeline).data))
-
-
-@data_app.command("add")
-def data_add(
-    source: Annotated[Path, typer.Argument(help="JSONL file/folder, saved dataset, CSV, Parquet")],
-    prompt_column: Annotated[str, typer.Option(help="table column of the user turn")] = "prompt",
-    response_column: Annotated[str, typer.Option(help="column of the assistant turn")] = "response",
-    system_column: Annotated[str | None, typer.Option(help="optional system column")] = None,
-    quarantine: Annotated[Path, typer.Option(
-        help="where the rejected lines of a refused file go")] = Path("quarantine.jsonl"),
-    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
-):
-    """Import a dataset into data/ in the messages format, then dvc add + dvc push; all or
-    nothing: a refused file leaves data/ and data.dvc as they were."""
-    from phi3ops.ingest import Columns, add_dataset
-
-    paths = ProjectPaths(root)
-    cfg = load_pipeline(paths, pipeline)
-    columns = Columns(prompt_column, response_column, system_column)
-    version, before, written = add_dataset(paths.root, cfg.data, source, columns,
-                                           cfg.preprocess.max_reject_fraction, quarantine)
-    for path in written:
-        typer.echo(f"wrote {path}")
-    _report_recorded(version, before)
-
-
-@data_app.command("status")
-def data_status(
-    verify: Annotated[bool, typer.Option(
-        "--verify", help="read back and hash every object on the remote (default: the "
-        "manifest and a sample of files)")] = False,
-    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
-):
-    """Does data/ match data.dvc (every file hashed), and does the remote hold that version
-    intact (objects read back and hashed)? Exit 1 on a remote problem, 2 on a workspace one."""
-    from phi3ops.data import REMOTE_SAMPLE, remote_status, verify_workspace
-    from phi3ops.errors import DataError
-
-    paths = ProjectPaths(root)
-    cfg = load_pipeline(paths, pipeline).data
-    workspace_error = None
-    try:
-        md5 = verify_workspace(paths.root, cfg)
-        typer.echo(f"{cfg.path}/ matches {cfg.dvc_file} ({md5})")
-    except DataError as e:  # the remote is still worth reporting: a pull would read it
-        if not (paths.root / cfg.dvc_file).is_file():
-            raise
-        workspace_error = e
-        typer.echo(f"error: {e}", err=True)
-    check = remote_status(paths.root, cfg, sample=None if verify else REMOTE_SAMPLE)
-    if problems := check.problems():
-        typer.echo(f"error: {problems}", err=True)
-    if workspace_error is not None:
-        raise typer.Exit(2)
-    if problems:
-        raise typer.Exit(1)
-    typer.echo(f"remote holds this version ({check.n_hashed} of {check.n_objects} objects read "
-               "back and hashed)")
-
-
-@data_app.command("pull")
-def data_pull(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
-    """Restore data/ to the version data.dvc records, as a run does: dvc pull (the seeded demo
-    dataset where the remote truly lacks it), every file hashed, the remote checked."""
-    from phi3ops.data import checkout_version
-
-    paths = ProjectPaths(root)
-    version = checkout_version(paths.root, load_pipeline(paths, pipeline).data)
-    typer.echo(f"{version.md5}  {version.n_rows} rows in {version.n_files} files "
-               f"({version.source})")
-
-
-@data_app.command("diff")
-def data_diff(
-    rev_a: Annotated[str, typer.Argument(help="git rev or tag of the old version")],
-    rev_b: Annotated[str, typer.Argument(help="git rev or tag of the new version")],
-    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
-):
-    """Rows added/removed and the shift in length and role distributions between two revs."""
-    from phi3ops.data import checkout_version
-    from phi3ops.drift import diff_dirs
-
-    paths = ProjectPaths(root)
-    cfg = load_pipeline(paths, pipeline).data
-    a, b = (checkout_version(paths.root, cfg, rev) for rev in (rev_a, rev_b))
-    typer.echo(diff_dirs(Path(a.path), Path(b.path), rev_a, rev_b).markdown())
-
-
-@data_app.command("validate")
-def data_validate(
-    path: Annotated[Path, typer.Argument(help="a .jsonl file or a folder of them")],
-    quarantine: Annotated[Path, typer.Option(help="where rejected lines go")] = Path(
-        "quarantine.jsonl"),
-    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
-):
-    """Check every line; rejected lines go to the quarantine file with file, line and rule.
-    Exit 1 when more are rejected than allowed; 2 when the path is missing or has no line."""
-    from phi3ops.validation import TooManyRejectedError, jsonl_files, validate_files
-
-    paths = ProjectPaths(root)
-    max_fraction = load_pipeline(paths, pipeline).preprocess.max_reject_fraction
-    report = validate_files(jsonl_files(path), Path.cwd(), quarantine)
-    typer.echo(report.summary())
-    if report.n_rejected:
-        typer.echo(f"rejected lines: {quarantine}")
-    try:
-        report.check(max_fraction)
-    except TooManyRejectedError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-
-
-@data_app.command("demo")
-def data_demo(out: Annotated[Path, typer.Option(help="directory to write into")] = Path("data")):
-    """Write the seeded demo chat dataset."""
-    from phi3ops.demo_data import write_demo_dataset
-
-    typer.echo(write_demo_dataset(out))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights", shards
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # table creation, "Created version"
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message="An input example was not provided")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -446,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # Prefect's temporary server would send telemetry; offline, its heartbeat only fails loudly.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    quiet_libraries()
     if argv is not None and "--debug" in argv:  # `python flows/retrain.py --debug`
         argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:
