@@ -10,7 +10,13 @@ import time
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 
 import flows.retrain as retrain_flow
 from phi3ops import locking, promotion
@@ -35,6 +41,14 @@ def task_states(flow_run_id) -> dict[str, str]:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[flow_run_id])))
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def artifact(flow_run_id, key: str) -> str:
+    with get_client(sync_client=True) as client:
+        [found] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(
+                any_=[flow_run_id])))
+    return found.data
 
 
 def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow_server,
@@ -103,6 +117,10 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
     tasks = task_states(failed.state_details.flow_run_id)
     assert tasks["preprocess"] == "Cached" and tasks["record"] == "Failed"
     assert tasks["register"] == tasks["promote"] == "RolledBack"
+    # The failure report names the step that failed and says the aliases were put back.
+    report = artifact(failed.state_details.flow_run_id, "retrain-failure")
+    assert report.startswith("# retrain tiny-cpu failed in `record`"), report
+    assert "rolled back: the aliases are where they were" in report
 
     # What Prefect persisted is JSON, in the project: the preprocess task's record (metadata and
     # result), each flow run's return value or exception (the result alone).
