@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import yaml
@@ -31,9 +32,11 @@ from mlflow.utils.requirements_utils import (  # not public: the check log_model
 from phi3ops.config import MlflowConfig, PipelineConfig, sha256_json
 from phi3ops.errors import RegistryError
 from phi3ops.locking import process_alive, process_started
-from phi3ops.preprocess import PreprocessResult
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
 from phi3ops.trusted_load import MANIFEST_TAG, artifact_manifest, inspect_version, load_verified
+
+if TYPE_CHECKING:  # a type only: chat and serving load no `datasets`
+    from phi3ops.preprocess import PreprocessResult
 
 log = logging.getLogger(__name__)
 SIGNATURE = infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."])  # messages in
