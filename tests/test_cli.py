@@ -83,6 +83,8 @@ def test_train_runs_in_a_child_process_and_prints_its_result(project):
     assert summary["global_step"] == 4 and summary["world_size"] == 1
     adapter = project / "runs" / "cli" / "adapter" / "adapter_model.safetensors"
     assert adapter.is_file() and (project / "runs" / "cli" / "train.log").is_file()
+    shown = json.loads((project / "runs" / "cli" / "train-progress.json").read_text())
+    assert shown["done"] == shown["total"] == 4, "what the progress bar showed last"
 
     # The same run directory again: it is finished, so nothing trains past max_steps.
     weights = adapter.read_bytes()

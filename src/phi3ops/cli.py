@@ -175,7 +175,7 @@ def evaluate(
     else:
         chat_model = load_chat_model(mcfg, model)
     conversations = held_out(prepared.data_dir, cfg.evaluation)
-    _, metrics, _ = run_model(*chat_model, conversations, cfg.evaluation)
+    _, metrics, _ = run_model(*chat_model, conversations, cfg.evaluation, model)
     typer.echo(f"{model} on {len(conversations)} held-out conversations of {dataset.md5}:")
     for name, value in metrics.items():
         typer.echo(f"  {name:12s} {value:.4f}")
@@ -299,9 +299,12 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights", shards
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # table creation, "Created version"
+    # mlflow sets its logger's level when imported: table creation, "Creating initial tables"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    warnings.filterwarnings("ignore", message="An input example was not provided")
+    # mlflow colours this warning, so its text does not start the message
+    warnings.filterwarnings("ignore", message=".*An input example was not provided")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -309,8 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("phi3ops").setLevel(logging.INFO)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    # Prefect's temporary server would send telemetry; offline, its heartbeat only fails loudly.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # As under make: nothing is sent anywhere (offline, Prefect's telemetry only fails loudly).
+    for name, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"),
+                        ("DVC_NO_ANALYTICS", "1")):
+        os.environ.setdefault(name, value)
     quiet_libraries()
     if argv is not None and "--debug" in argv:  # `python flows/retrain.py --debug`
         argv = ["--debug", *(a for a in argv if a != "--debug")]

@@ -146,11 +146,12 @@ def verify_files(data_dir: Path, manifest: list[dict], dvc_file: Path) -> None:
 
 @contextmanager
 def quiet_dvc():
-    """DVC's own warnings off (its "missing cache files" twice) while phi3ops reports."""
+    """DVC's own warnings and bars off (its "missing cache files" twice, "Pushing" lines left on
+    a terminal) while phi3ops reports; its failures still raise."""
     loggers = [logging.getLogger(name) for name in ("dvc", "dvc_data")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)  # DVC shows a bar only at ERROR or below
     try:
         yield
     finally:
@@ -216,7 +217,7 @@ def checkout_version(root: Path, cfg: DataConfig, rev: str | None = None) -> Dat
                 _discard_bad_pull(repo, data_dir, dvc_file)
         raise
     if cfg.push:
-        with open_repo(root) as repo:
+        with open_repo(root) as repo, quiet_dvc():
             push_verified(repo, dvc_file)
     n_rows, n_files = count_rows(data_dir)
     return DatasetVersion(md5, git_rev(root), str(data_dir), n_rows, n_files, source)

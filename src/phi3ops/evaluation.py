@@ -12,6 +12,7 @@ adapter disabled, so the weights load once.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,12 @@ from phi3ops.inference import generate_replies, load_adapter_model, split_prompt
 from phi3ops.metrics import metric_path
 from phi3ops.modeling import load_tokenizer
 from phi3ops.preprocess import load_processed
+from phi3ops.progress import Progress
 from phi3ops.templates import plan_training_template
 
 METRICS = ("rouge", "bleu", "chrf", "exact_match")
 BOOTSTRAP_SAMPLES = 1000
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,15 +105,18 @@ def held_out(dataset_dir: Path, eval_cfg: EvaluationConfig) -> list[list[dict]]:
 
 
 def run_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-              conversations: list[list[dict]], eval_cfg: EvaluationConfig,
+              conversations: list[list[dict]], eval_cfg: EvaluationConfig, name: str = "model",
               ) -> tuple[list[str], dict[str, float], dict[str, list[float]]]:
     """Answers, aggregated metrics (with perplexity) and per-sample scores of one model."""
     prompts, references = split_prompts(conversations)
-    answers = generate_replies(model, tokenizer, prompts, eval_cfg.max_new_tokens,
-                               eval_cfg.batch_size)
+    with Progress(f"evaluate {name}", len(prompts), unit="answer") as bar:
+        answers = generate_replies(model, tokenizer, prompts, eval_cfg.max_new_tokens,
+                                   eval_cfg.batch_size, on_progress=bar.update)
     metrics, per_sample = score(answers, references)
     loss = assistant_loss(model, tokenizer, conversations, eval_cfg.batch_size)
     metrics["perplexity"] = math.exp(min(loss, 50.0))  # capped: a random model would overflow
+    log.info("evaluate %s: rougeL %.4f, perplexity %.2f on %d held-out answers", name,
+             metrics["rougeL"], metrics["perplexity"], len(prompts))
     return answers, metrics, per_sample
 
 
@@ -123,11 +129,11 @@ def evaluate_adapter(
     tokenizer = load_tokenizer(model_cfg, cache_dir)
     tuned = load_adapter_model(model_cfg, adapter_dir, cache_dir)
 
-    outputs = {"tuned": run_model(tuned, tokenizer, conversations, eval_cfg)}
+    outputs = {"tuned": run_model(tuned, tokenizer, conversations, eval_cfg, "tuned")}
     with adapters.disabled(tuned):
-        outputs["base"] = run_model(tuned, tokenizer, conversations, eval_cfg)
+        outputs["base"] = run_model(tuned, tokenizer, conversations, eval_cfg, "base")
     if champion is not None:
-        outputs["champion"] = run_model(*champion, conversations, eval_cfg)
+        outputs["champion"] = run_model(*champion, conversations, eval_cfg, "champion")
 
     metrics = {name: out[1] for name, out in outputs.items()}
     per_sample = {name: out[2] for name, out in outputs.items()}

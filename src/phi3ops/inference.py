@@ -6,6 +6,7 @@ served answer is the one evaluation scored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,9 +51,10 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 @torch.inference_mode()
 def generate_replies(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]],
-    max_new_tokens: int, batch_size: int,
+    max_new_tokens: int, batch_size: int, on_progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy replies for chat prompts, batched; left padding keeps every prompt's end aligned."""
+    """Greedy replies for chat prompts, batched; left padding keeps every prompt's end aligned.
+    `on_progress` hears how many replies are done after each batch."""
     tokenizer.padding_side = "left"
     replies: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -66,4 +68,6 @@ def generate_replies(
         )
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         replies += [r.strip() for r in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        if on_progress:
+            on_progress(len(replies))
     return replies

@@ -30,13 +30,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from phi3ops import progress
 from phi3ops.config import PipelineConfig, write_json_atomic
 from phi3ops.errors import TrainingSetupError
 from phi3ops.locking import process_alive, process_started
 
 log = logging.getLogger(__name__)
-JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE, METRICS_FILE = (
-    "train-job.json", "train-result.json", "train-error.json", "train.log", "train-metrics.jsonl")
+JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE, METRICS_FILE, PROGRESS_FILE = (
+    "train-job.json", "train-result.json", "train-error.json", "train.log", "train-metrics.jsonl",
+    "train-progress.json")
 FORWARD_EVERY_S = 1.0
 WATCH_PARENT_EVERY_S = 1.0
 
@@ -86,6 +88,7 @@ def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_di
         (out_dir / name).unlink(missing_ok=True)
     job_path = write_job(cfg, dataset_dir, out_dir, cache_dir, write_metrics=run_id is not None)
     with MetricsForwarder(out_dir / METRICS_FILE, run_id, tracking_uri), \
+            progress.following(out_dir / PROGRESS_FILE, "train"), \
             (out_dir / LOG_FILE).open("ab") as log_file:
         child = subprocess.Popen(command(job_path, cfg.launch.nproc),
                                  stdout=log_file, stderr=subprocess.STDOUT,
@@ -207,7 +210,8 @@ def main(job_path: str) -> int:
     try:
         cfg = PipelineConfig.model_validate(job["config"])
         result = train(cfg, Path(job["dataset_dir"]), out_dir, Path(job["cache_dir"]),
-                       log_metrics=_metrics_writer(out_dir, job.get("write_metrics", False)))
+                       log_metrics=_metrics_writer(out_dir, job.get("write_metrics", False)),
+                       progress_file=out_dir / PROGRESS_FILE)
     except TrainingSetupError as e:
         log.error("failed before the first step (%s)", e.kind, exc_info=e)  # kept in train.log
         if rank0:

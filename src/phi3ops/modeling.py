@@ -38,6 +38,7 @@ from phi3ops.config import (
 from phi3ops.demo_data import DEMO_SEED, DEMO_SIZE, generate_conversations, tokenizer_corpus
 from phi3ops.errors import ModelNotAvailableError
 from phi3ops.phi3_tokenizer import ensure_phi3_tokenizer
+from phi3ops.progress import Progress
 from phi3ops.templates import PHI3_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def pretrain_tiny_model(
         pct_start=0.05,
     )
     model.train()
-    for _ in range(tiny.pretrain_steps):
+    bar = Progress("build tiny base", tiny.pretrain_steps)
+    for step in range(1, tiny.pretrain_steps + 1):
         picks = torch.randint(len(texts), (batch_size,), generator=generator).tolist()
         batch = tokenizer([texts[i] + tokenizer.eos_token for i in picks], return_tensors="pt",
                           padding=True)
@@ -128,6 +130,8 @@ def pretrain_tiny_model(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        bar.update(step, loss=loss.item())
+    bar.close()
     model.eval()
     log.info("pretrained tiny base for %d steps, final loss %.3f", tiny.pretrain_steps, loss.item())
 

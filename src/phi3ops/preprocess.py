@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from phi3ops import validation
 from phi3ops.config import PreprocessConfig, sha256_json
+from phi3ops.progress import Progress
 from phi3ops.validation import jsonl_files, validate_files
 
 DONE_MARKER = "stats.json"  # written last: its presence means the directory is complete
@@ -164,7 +165,9 @@ def preprocess(
         seen: set[str] = set()
         roles: Counter = Counter()
         n_duplicates = n_truncated = n_too_long = 0
-        for row in report.accepted:
+        bar = Progress("preprocess", len(report.accepted), unit="conversation")
+        for done, row in enumerate(report.accepted, 1):
+            bar.update(done)
             fingerprint = json.dumps(row["messages"], sort_keys=True)
             if fingerprint in seen:
                 n_duplicates += 1
@@ -181,6 +184,7 @@ def preprocess(
             # The split hashes the original conversation, so truncation never moves it.
             splits[split_of(row["messages"], cfg.test_fraction, cfg.seed)].append(
                 {"messages": messages, "text": text, "n_tokens": n_tokens})
+        bar.close()
         if not splits["train"] or not splits["test"]:
             raise ValueError(
                 f"{data_dir}: too few valid conversations to split "

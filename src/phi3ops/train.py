@@ -37,6 +37,7 @@ from phi3ops.errors import (
 from phi3ops.modeling import load_model, load_tokenizer, resolve_dtype
 from phi3ops.preflight import check_runtime
 from phi3ops.preprocess import load_processed
+from phi3ops.progress import write_state
 from phi3ops.templates import plan_training_template
 from phi3ops.throughput import ThroughputCallback, matmul_flops_per_s, train_flops_per_token
 
@@ -126,6 +127,22 @@ class MetricsCallback(TrainerCallback):
                    if isinstance(v, int | float) and math.isfinite(v)}
         if numeric and state.is_world_process_zero:
             self.log_metrics(numeric, state.global_step)
+
+
+class ProgressFileCallback(TrainerCallback):
+    """Each step's count with the newest loss and tokens/s, for the launcher's progress bar."""
+
+    def __init__(self, path: Path):
+        self.path, self.fields = path, {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key, shown in (("loss", "loss"), ("tokens_per_s", "tokens/s")):
+            if key in (logs or {}):
+                self.fields[shown] = float(logs[key])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_state(self.path, state.global_step, state.max_steps, **self.fields)
 
 
 class Phi3opsSFTTrainer(SFTTrainer):
@@ -220,7 +237,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def train(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path,
-          log_metrics: MetricsLogger | None = None) -> TrainResult:
+          log_metrics: MetricsLogger | None = None,
+          progress_file: Path | None = None) -> TrainResult:
     """Train a LoRA adapter on the processed train split; returns where the adapter was saved.
 
     A failure before the first step (config, template, model, data) is a TrainingSetupError:
@@ -240,6 +258,8 @@ def train(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_dir: Path
         trainer.args.world_size))
     if log_metrics:
         trainer.add_callback(MetricsCallback(log_metrics))  # after throughput: sees its numbers
+    if progress_file:
+        trainer.add_callback(ProgressFileCallback(progress_file))
 
     trainable, total = count_parameters(model)
     log.info("training %d of %d parameters (%.2f%%) with %s%s", trainable, total,
