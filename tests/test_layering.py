@@ -37,7 +37,8 @@ TRAINING = ("phi3ops.train", "phi3ops.launch", "phi3ops.lm_head")
 
 @pytest.mark.parametrize("module, forbidden", [
     ("phi3ops.inference", TRAINING), ("phi3ops.evaluation", TRAINING),
-    ("phi3ops.serving", (*TRAINING, "phi3ops.evaluation", "evaluate"))])
+    ("phi3ops.serving", (*TRAINING, "phi3ops.evaluation", "evaluate")),
+    ("phi3ops.chat", ("mlflow", "torch", "transformers"))])  # its two halves start in parallel
 def test_inference_imports_no_training_code(module, forbidden):
     code = (f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == "
             f"'trl' or m in {forbidden!r}))")

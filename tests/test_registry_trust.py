@@ -118,8 +118,8 @@ def test_a_genuine_version_loads_and_answers(root, adapter):
     assert champion_version == version and tokenizer.chat_template
     assert check_registered(cfg, f"runs:/{run_id}/adapter").version == version
     # One loading implementation: phi3ops' trusted load and MLflow's pyfunc answer alike.
-    reply = load_registered(cfg, f"models:/{cfg.registered_model}/{version}").predict(
-        None, QUESTION)[0]
+    reply = load_registered(cfg, f"models:/{cfg.registered_model}/{version}").answer(
+        [QUESTION["messages"]])[0]
     deployed = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}/{version}")
     assert deployed.predict(QUESTION)[0] == reply and reply
 
@@ -162,7 +162,7 @@ def test_a_version_registered_before_hashes_loads_once_trusted(root, adapter):
 
     trusted = phi3ops("trust", "--version", version, "--root", str(root))
     assert trusted.returncode == 0, trusted.stderr
-    assert load_registered(cfg, f"models:/{cfg.registered_model}/{version}").predict(
-        None, QUESTION)
+    assert load_registered(cfg, f"models:/{cfg.registered_model}/{version}").answer(
+        [QUESTION["messages"]])
     again = one_paragraph(phi3ops("trust", "--version", version, "--root", str(root)))
     assert "already has its files' hashes" in again

@@ -31,6 +31,7 @@ from phi3ops.cli_options import (
     Pipeline,
     Root,
     load_pipeline,
+    mlflow_config,
     mlflow_settings,
 )
 from phi3ops.config import ProjectPaths
@@ -194,14 +195,16 @@ def chat(
 
     Only a version phi3ops registered loads, with its files as recorded then (trusted_load.py).
     """
-    from phi3ops.registry import load_registered
+    from phi3ops import chat as quick
 
-    mcfg = mlflow_settings(ProjectPaths(root), mlflow_timeout)
+    mcfg = mlflow_config(ProjectPaths(root))  # the helper process waits for the server
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
     which = f"/{version}" if version is not None else f"@{alias}"
-    chat_model = load_registered(mcfg, f"models:/{mcfg.registered_model}{which}")
-    typer.echo(chat_model.predict(None, {"messages": messages})[0])
+    chat_model = quick.load(mcfg.tracking_uri, f"models:/{mcfg.registered_model}{which}",
+                            mlflow_timeout)
+    typer.echo(chat_model.answer([messages])[0])
+    quick.leave()
 
 
 @app.command()

@@ -22,9 +22,14 @@ def mlflow_settings(paths: ProjectPaths, timeout_s: float):
     """mlflow.yaml resolved against the root, once its server answers (or a clear error)."""
     from phi3ops.mlflow_wait import wait_for_mlflow
 
-    mcfg = load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
+    mcfg = mlflow_config(paths)
     wait_for_mlflow(mcfg.tracking_uri, timeout_s)
     return mcfg
+
+
+def mlflow_config(paths: ProjectPaths):
+    """mlflow.yaml resolved against the root; no server asked (that needs MLflow imported)."""
+    return load_mlflow_config(paths.root / "mlflow.yaml").resolved(paths.root)
 
 
 def load_pipeline(paths: ProjectPaths, pipeline: Path, overrides: list[str] | None = None):

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from phi3ops import adapters
 from phi3ops.config import ModelConfig
+from phi3ops.errors import RegistryError
 from phi3ops.modeling import load_model, load_tokenizer
 
 
@@ -33,6 +34,39 @@ def merge_adapter(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path,
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     load_tokenizer(model_cfg, cache_dir).save_pretrained(str(out_dir))
     return out_dir
+
+
+class ChatModel:
+    """A registered model's files loaded for answering: base, adapter (if any), tokenizer.
+    The one way they load, for `phi3ops chat`, the MLflow pyfunc and the trusted loader alike:
+    weights from safetensors only, tokenizer and model without remote code, the adapter with
+    phi3ops' own code. A merged model has no adapter; a hub base has no base_dir."""
+
+    def __init__(self, adapter_dir: str | None, base_dir: str | None, config: dict):
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        weights = (SAFETENSORS_WEIGHTS_NAME, adapters.LORALIB_WEIGHTS)  # peft's, loralib's
+        if adapter_dir is not None and not any((Path(adapter_dir) / w).is_file() for w in weights):
+            # Without them peft would fall back to a pickled adapter_model.bin.
+            raise RegistryError(f"{adapter_dir}: no adapter weights in safetensors "
+                                f"({' or '.join(weights)}); refusing to load it")
+        base = base_dir or config["base_model"]
+        # Training saves its tokenizer (and chat template) beside the adapter; else the base's.
+        own = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir if own else base,
+                                                       trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, revision=config.get("base_revision"), trust_remote_code=False,
+            use_safetensors=True, dtype="auto",
+        )
+        self.model = (adapters.load(model, Path(adapter_dir)) if adapter_dir else model).eval()
+        self.max_new_tokens = int(config.get("max_new_tokens", 64))
+
+    def answer(self, conversations: list[list[dict]], max_new_tokens: int | None = None,
+               batch_size: int = 8) -> list[str]:
+        return generate_replies(self.model, self.tokenizer, conversations,
+                                max_new_tokens or self.max_new_tokens, batch_size)
 
 
 def split_prompts(conversations: list[list[dict]]) -> tuple[list[list[dict]], list[str]]:

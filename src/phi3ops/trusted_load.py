@@ -7,17 +7,21 @@ and `mlflow.pyfunc.load_model` runs whatever code that version's MLmodel names (
 object, a code file). So phi3ops never calls it. It resolves the version, refuses one that
 phi3ops did not register (its tags, its MLmodel's flavor), downloads the files as data, checks
 each against the sha256 manifest recorded at registration, and loads safetensors weights, the
-tokenizer and the adapter with its own code (`Phi3ChatModel.load_files`, which the MLflow pyfunc
-also uses, for those who deploy it).
+tokenizer and the adapter with its own code (inference.ChatModel, which the MLflow pyfunc also
+uses, for those who deploy it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import mlflow
 import yaml
@@ -27,7 +31,10 @@ from mlflow.exceptions import MlflowException
 
 from phi3ops.config import file_sha256
 from phi3ops.errors import RegistryError
-from phi3ops.serving import MODEL_CODE, Phi3ChatModel, model_artifacts
+from phi3ops.serving import MODEL_CODE, model_artifacts
+
+if TYPE_CHECKING:
+    from phi3ops.inference import ChatModel
 
 MANIFEST_TAG = "phi3ops.artifacts_sha256"
 OWN_TAGS = ("phi3ops.registration_key", "phi3ops.artifact_type", MANIFEST_TAG)
@@ -267,19 +274,48 @@ def inspect_version(tracking_uri: str, uri: str) -> ModelVersion:
     return version
 
 
-def load_verified(tracking_uri: str, uri: str) -> tuple[ModelVersion, Phi3ChatModel]:
-    """(version, chat model) behind a model URI, loaded from verified files by phi3ops' code.
-    The files are deleted once loaded: the weights are in memory, and a load never reuses what
-    an earlier one downloaded (a shared cache could be swapped underneath)."""
-    with registry(tracking_uri, uri) as client, tempfile.TemporaryDirectory(
-            prefix="phi3ops-model-", ignore_cleanup_errors=True) as tmp:
+def fetch_verified(tracking_uri: str, uri: str, dst: Path) -> tuple[ModelVersion, dict]:
+    """Download the files behind a model URI into `dst` and check them: the version, and what
+    inference.ChatModel takes (adapter_dir, base_dir, config)."""
+    with registry(tracking_uri, uri) as client:
         version = resolve(client, uri)
-        flavor = check_own(client, version, Path(tmp))
-        local = download_verified(client, version, flavor, Path(tmp))
-        config = flavor.get("config") or {}
-        if not isinstance(config.get("base_model"), str):
-            raise _refuse(version, "its model config names no base model")
-        chat = Phi3ChatModel()
-        chat.load_files(str(local["adapter"]) if "adapter" in local else None,
-                        str(local["base_model"]) if "base_model" in local else None, config)
-    return version, chat
+        flavor = check_own(client, version, dst)
+        local = download_verified(client, version, flavor, dst)
+    config = flavor.get("config") or {}
+    if not isinstance(config.get("base_model"), str):
+        raise _refuse(version, "its model config names no base model")
+    return version, {"adapter_dir": str(local["adapter"]) if "adapter" in local else None,
+                     "base_dir": str(local["base_model"]) if "base_model" in local else None,
+                     "config": config}
+
+
+def load_verified(tracking_uri: str, uri: str) -> ChatModel:
+    """The chat model behind a model URI, loaded from verified files by phi3ops' code. The
+    files are deleted once loaded: the weights are in memory, and a load never reuses what an
+    earlier one downloaded (a shared cache could be swapped underneath)."""
+    from phi3ops.inference import ChatModel
+
+    with tempfile.TemporaryDirectory(prefix="phi3ops-model-", ignore_cleanup_errors=True) as tmp:
+        return ChatModel(**fetch_verified(tracking_uri, uri, Path(tmp))[1])
+
+
+def main(uri: str, dst: str, mlflow_timeout_s: str) -> int:
+    """The helper process of phi3ops.chat: wait for the server, fetch and verify into `dst`,
+    then one JSON line (the files, or the user error). The tracking URI comes in the
+    environment, never on a command line that `ps` shows."""
+    from phi3ops.mlflow_wait import wait_for_mlflow
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+    try:
+        wait_for_mlflow(tracking_uri, float(mlflow_timeout_s))
+        version, files = fetch_verified(tracking_uri, uri, Path(dst))
+    except RegistryError as e:
+        print(json.dumps({"error": str(e)}))
+        return 2
+    print(json.dumps({"version": version.version, **files}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
