@@ -69,7 +69,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
                data_rev: str | None, force: bool) -> dict:
     logger = get_run_logger()
     started = pipeline.start(paths, cfg, mcfg)  # preflight, then the MLflow run
-    run_id, code_rev = started.run_id, started.code_rev
+    run_id, code = started.run_id, started.code
     for dead in started.closed_runs:
         logger.warning("MLflow run %s was RUNNING, but its process is gone: marked FAILED", dead)
     stage, before = "version_data", None
@@ -81,7 +81,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
 
     try:
         dataset = pipeline.checkout(paths, cfg, data_rev, run_id, checkout_version=version_data)
-        same = None if force else pipeline.made_before(mcfg, cfg, dataset, code_rev)
+        same = None if force else pipeline.made_before(mcfg, cfg, dataset, code)
         if same is not None:
             result, markdown = report.nothing_changed(run_id, cfg.name, same, dataset.md5)
             create_markdown_artifact(key="retrain-summary", markdown=markdown)
@@ -97,7 +97,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
             logger.warning(prepared.template_note)
         at("train")
         requirements_checked = registry.check_requirements_in_background()  # while it trains
-        out_dir = pipeline.run_dir(paths, mcfg, cfg, dataset.md5, code_rev)
+        out_dir = pipeline.run_dir(paths, mcfg, cfg, dataset.md5, code)
         if force:  # trained from scratch, not resumed from what an earlier run left
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
         logger.info("training log: %s", out_dir / LOG_FILE)
@@ -120,7 +120,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
             txn.set("aliases_before", before)
             txn.set("run_id", run_id)
             version, decision = pipeline.publish(
-                paths, cfg, mcfg, started.checked, prepared, trained, out_dir, code_rev, metrics,
+                paths, cfg, mcfg, started.checked, prepared, trained, out_dir, code, metrics,
                 run_id, champion_version, lambda v: txn.set("version", v.version), at,
                 register=register_adapter, merge=merge, promote=promote, record=record_decision)
     except BaseException as e:

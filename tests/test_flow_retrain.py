@@ -118,6 +118,12 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
         "nothing changed since v1 (data, config and code are the same; it was promoted")
     assert client.get_run(skipped["run_id"]).data.tags["phi3ops.skipped"] == skipped["reason"]
     assert "loss" not in client.get_run(skipped["run_id"]).data.metrics, "no training"
+    # A docs-only commit is a new commit running the same code: still nothing to do.
+    (project / "NOTES.md").write_text("what we changed in the data, and why\n")
+    git(project, "add", "NOTES.md")
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "notes")
+    docs_only = flow(root=str(project))
+    assert docs_only["skipped"] and docs_only["version"] == first["version"]
 
     second = flow(root=str(project), data_rev="HEAD", force=True)
     second_tags = client.get_run(second["run_id"]).data.tags

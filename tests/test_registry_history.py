@@ -20,7 +20,7 @@ from phi3ops.registry import (
 from tests.conftest import REPO
 
 LINEAGE = Lineage(dataset_md5="d1.dir", data_git_rev="r1", config_hash="c1",
-                  code_git_rev="r1", pipeline="tiny-cpu", base_model="tiny-phi3")
+                  code_git_rev="r1", code_hash="h1", pipeline="tiny-cpu", base_model="tiny-phi3")
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 "
 
 
@@ -49,13 +49,13 @@ def test_a_rerun_leaves_decisions_and_aliases_and_nothing_changed_finds_any_vers
         cfg, register):
     client = MlflowClient()
     v1 = register("c1", 0.6)
-    assert already_decided(cfg, "d1.dir", "c1", "r1") is None, "registered, not yet decided"
+    assert already_decided(cfg, "d1.dir", "c1", "h1") is None, "registered, not yet decided"
     assert promote(cfg, v1.version, by="run one").promoted
     v2 = register("c2", 0.5)
     assert not promote(cfg, v2.version, by="run two").promoted
     # Not the champion, but decided: the same data, config and code would only repeat it.
-    assert already_decided(cfg, "d1.dir", "c2", "r1").version == v2.version
-    assert already_decided(cfg, "d1.dir", "c2", "r1-dirty") is None, "a dirty tree never matches"
+    assert already_decided(cfg, "d1.dir", "c2", "h1").version == v2.version
+    assert already_decided(cfg, "d1.dir", "c2", "h2") is None, "other code never matches"
     before = client.get_model_version(cfg.registered_model, v1.version).tags
 
     again = register("c1", 0.9)  # a forced rerun of v1's inputs

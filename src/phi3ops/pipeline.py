@@ -14,12 +14,12 @@ logs what it did to that MLflow run.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3ops import data, drift, launch, preprocess, promotion, registry, report
+from phi3ops import code_version, data, drift, launch, preprocess, promotion, registry, report
+from phi3ops.code_version import CodeVersion
 from phi3ops.config import MlflowConfig, PipelineConfig, ProjectPaths, sha256_json
 from phi3ops.data import DatasetVersion
 from phi3ops.preflight import Preflight, preflight
@@ -45,7 +45,7 @@ class Started:
 
     checked: Preflight
     run_id: str
-    code_rev: str  # git HEAD, '-dirty' when tracked files differ: part of what made a version
+    code: CodeVersion  # the commit, and the hash of what runs: part of what made a version
     closed_runs: list[str]  # runs left RUNNING by a process that died, marked FAILED now
 
 
@@ -54,15 +54,15 @@ def start(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig) -> Start
     the run; a run an earlier process left RUNNING when it died is closed as FAILED."""
     checked = preflight(cfg, paths.models)
     run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
-    return Started(checked, run_id, data.git_rev(paths.root),
+    return Started(checked, run_id, code_version.current(paths.root),
                    registry.close_dead_runs(mcfg, run_id))
 
 
 def made_before(mcfg: MlflowConfig, cfg: PipelineConfig, dataset: DatasetVersion,
-                code_rev: str):
+                code: CodeVersion):
     """The registered, decided version this data, config and code made already (or None):
     training again would repeat it."""
-    return registry.already_decided(mcfg, dataset.md5, cfg.config_hash(), code_rev)
+    return registry.already_decided(mcfg, dataset.md5, cfg.config_hash(), code.hash)
 
 
 def checkout(paths: ProjectPaths, cfg: PipelineConfig, data_rev: str | None = None,
@@ -96,13 +96,11 @@ def prepare(paths: ProjectPaths, cfg: PipelineConfig, dataset: DatasetVersion,
 
 
 def run_dir(paths: ProjectPaths, mcfg: MlflowConfig, cfg: PipelineConfig, dataset_md5: str,
-            code_rev: str) -> Path:
+            code: CodeVersion) -> Path:
     """Where a run trains: one directory per (model, data, config, code), so the rerun of a
-    killed run resumes from its newest complete checkpoint. A dirty tree adds its diff."""
-    diff = subprocess.run(["git", "-C", str(paths.root), "diff", "HEAD"], capture_output=True,
-                          text=True).stdout if code_rev.endswith("-dirty") else ""
+    killed run resumes from its newest complete checkpoint."""
     return paths.runs / sha256_json([mcfg.registered_model, dataset_md5, cfg.config_hash(),
-                                     code_rev, diff])[:16]
+                                     code.hash])[:16]
 
 
 def fit(paths: ProjectPaths, cfg: PipelineConfig, prepared: Prepared, out_dir: Path,
@@ -150,15 +148,18 @@ def data_drift(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
     return diff.markdown()
 
 
-def lineage(cfg: PipelineConfig, dataset: DatasetVersion, code_rev: str) -> registry.Lineage:
+def lineage(cfg: PipelineConfig, dataset: DatasetVersion, code: CodeVersion,
+            ) -> registry.Lineage:
     """What made a version: the data, the config and the code."""
     return registry.Lineage(dataset_md5=dataset.md5, data_git_rev=dataset.git_rev,
-                            config_hash=cfg.config_hash(), code_git_rev=code_rev,
-                            pipeline=cfg.name, base_model=cfg.model.name_or_path)
+                            config_hash=cfg.config_hash(), code_git_rev=code.git_rev,
+                            code_hash=code.hash, pipeline=cfg.name,
+                            base_model=cfg.model.name_or_path)
 
 
 def publish(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig, checked: Preflight,
-            prepared: Prepared, trained, out_dir: Path, code_rev: str, metrics: dict[str, float],
+            prepared: Prepared, trained, out_dir: Path, code: CodeVersion,
+            metrics: dict[str, float],
             run_id: str, champion_version: str | None,
             on_registered: Callable = lambda version: None,
             on_stage: Callable[[str], None] = lambda stage: None,
@@ -170,7 +171,7 @@ def publish(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig, checke
 
     merge, promote, record = (merge or merge_adapter, promote or promotion.promote,
                               record or promotion.record)
-    made_by = lineage(cfg, prepared.dataset, code_rev)
+    made_by = lineage(cfg, prepared.dataset, code)
     base_dir = Path(checked.model_path) if Path(checked.model_path).is_dir() else None
     card = registry.model_card(cfg, made_by, metrics)
     on_stage("register")

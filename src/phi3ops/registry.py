@@ -65,7 +65,8 @@ class Lineage:
     dataset_md5: str
     data_git_rev: str
     config_hash: str
-    code_git_rev: str
+    code_git_rev: str  # the commit, for people
+    code_hash: str  # what ran (code_version.py): what "same code" compares
     pipeline: str
     base_model: str
 
@@ -209,10 +210,10 @@ def with_retries(what: str, call, attempts: int = 6, first_delay: float = 1.0):
             time.sleep(delay)
 
 
-def registration_key(dataset_md5: str, config_hash: str, code_rev: str,
+def registration_key(dataset_md5: str, config_hash: str, code_hash: str,
                      artifact_type: str = "adapter") -> str:
     """Same data, config and code give the same key, and so the same registered version."""
-    return sha256_json([dataset_md5, config_hash, code_rev, artifact_type])[:16]
+    return sha256_json([dataset_md5, config_hash, code_hash, artifact_type])[:16]
 
 
 def find_version(mcfg: MlflowConfig, name: str, key: str) -> ModelVersion | None:
@@ -243,7 +244,8 @@ def model_card(cfg: PipelineConfig, lineage: Lineage, metrics: dict[str, float])
     return "\n".join([
         f"# {cfg.name}: LoRA adapter for `{lineage.base_model}`", "",
         f"- data: DVC md5 `{lineage.dataset_md5}` at git `{lineage.data_git_rev}`",
-        f"- code: git `{lineage.code_git_rev}`; pipeline config hash `{lineage.config_hash}`",
+        f"- code: git `{lineage.code_git_rev}` (hash of what ran `{lineage.code_hash[:12]}`); "
+        f"pipeline config hash `{lineage.config_hash}`",
         f"- LoRA ({cfg.adapter.backend}): r={lora.r}, alpha={lora.lora_alpha}, "
         f"dropout={lora.lora_dropout}, "
         f"targets {', '.join(lora.target_modules)}",
@@ -267,7 +269,7 @@ def register_adapter(
     name = mcfg.registered_model
     if artifact_type != "adapter":
         name = f"{name}-merged"
-    key = registration_key(lineage.dataset_md5, lineage.config_hash, lineage.code_git_rev,
+    key = registration_key(lineage.dataset_md5, lineage.config_hash, lineage.code_hash,
                            artifact_type)
 
     existed = find_version(mcfg, name, key) is not None  # a rerun: its aliases stay as they are
@@ -320,15 +322,12 @@ def alias_version(mcfg: MlflowConfig, alias: str) -> ModelVersion | None:
 
 
 def already_decided(mcfg: MlflowConfig, dataset_md5: str, config_hash: str,
-                    code_rev: str) -> ModelVersion | None:
-    """The version already trained on this very data, config and code, champion or not, once
-    its promotion was decided (a version whose run died before that is trained again: the run
-    resumes, and the decision is made). A dirty or unversioned work tree never matches: nothing
-    proves its code is the same."""
-    if code_rev.endswith("-dirty") or code_rev == "unversioned":
-        return None
+                    code_hash: str) -> ModelVersion | None:
+    """The version already trained on this very data, config and code (code_version.py),
+    champion or not, once its promotion was decided (a version whose run died before that is
+    trained again: the run resumes, and the decision is made)."""
     found = find_version(mcfg, mcfg.registered_model,
-                         registration_key(dataset_md5, config_hash, code_rev))
+                         registration_key(dataset_md5, config_hash, code_hash))
     return found if found is not None and "promotion.decision" in found.tags else None
 
 
