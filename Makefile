@@ -8,7 +8,7 @@ PIPELINE ?= pipelines/tiny-cpu.yaml
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 
 # The default path never downloads; set HF_HUB_OFFLINE=0 for the real model from the hub.
 export HF_HUB_OFFLINE ?= 1
@@ -19,19 +19,34 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 PREFECT_PORT ?= 4200
 
-.PHONY: install phi3-tokenizer run test test-fast ui prefect-server stop schedule lint clean \
+.PHONY: install lock phi3-tokenizer run test test-fast ui prefect-server stop schedule lint clean \
 	gpu-wheels \
 	smoke-full-size
 
-$(STAMP): pyproject.toml
+# The environment comes from requirements.lock (every package pinned), so a retrain months from
+# now runs on the same packages; `make lock` writes it anew from a fresh install of pyproject's
+# ranges.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: a range would pull a multi-GB CUDA build on a CPU machine
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
+
+lock:  ## requirements.lock from a fresh venv with pyproject's ranges (dev extras included)
+	rm -rf .cache/lock-venv && $(PYTHON) -m venv .cache/lock-venv
+	.cache/lock-venv/bin/python -m pip install -q --upgrade pip
+	.cache/lock-venv/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.cache/lock-venv/bin/python -m pip install -q -e '.[dev]'
+	( echo "# make lock: every package of a fresh '.[dev]' install, pinned (torch without its"; \
+	  echo "# local build label: the Makefile installs torch first, from TORCH_SPEC)."; \
+	  .cache/lock-venv/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//' \
+	) > requirements.lock
+	rm -rf .cache/lock-venv
 
 # Phi-3's real tokenizer, from llama.cpp's vocabulary in llama-cpp-python's sdist (pinned sha256,
 # checked against its reference vectors); built once into .cache/models, the archive kept in

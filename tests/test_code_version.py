@@ -3,6 +3,7 @@
 import subprocess
 
 from phi3ops import code_version
+from phi3ops.config import file_sha256
 from phi3ops.code_version import code_hash
 
 
@@ -34,3 +35,4 @@ def test_a_commit_of_data_or_docs_keeps_the_hash_and_moves_the_rev(tmp_path):
     second = code_version.current(tmp_path)
     assert second.git_rev != first.git_rev and second.hash == first.hash
     assert {p.name for p in code_version.package_dirs()} == {"phi3ops", "flows"}
+    assert first.env_lock == file_sha256(code_version.LOCK_FILE), "the lock is part of it"

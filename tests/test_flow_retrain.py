@@ -13,10 +13,11 @@ import pytest
 from mlflow import MlflowClient
 
 import flows.retrain as retrain_flow
-from phi3ops.config import DataConfig
+from phi3ops.config import DataConfig, file_sha256
 from phi3ops.data import DataError, record_version, recorded_md5
+from phi3ops.run_inputs import DvcDatasetSource
 from phi3ops.validation import TooManyRejectedError
-from tests.conftest import free_port, git
+from tests.conftest import REPO, free_port, git
 
 pytestmark = pytest.mark.slow
 MODEL = "phi3ops-chat"
@@ -86,6 +87,24 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
         "data/quarantine.jsonl", "data/stats.json", "data/token_lengths.png"]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "eval")] == [
         "eval/samples.json"]
+
+    # The Datasets panel: both splits, digest = the DVC md5, source = the DVC path at its rev,
+    # which loads the files again.
+    splits = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+              for i in run.inputs.dataset_inputs}
+    assert sorted(splits) == ["evaluation", "training"]
+    assert {s.digest for s in splits.values()} == {tags["phi3ops.dataset_md5"]}
+    assert json.loads(splits["evaluation"].profile) == {"num_rows": run.data.metrics["data_n_test"]}
+    source = DvcDatasetSource.from_json(splits["training"].source)
+    assert (source.path, source.rev) == ("data", git(project, "rev-parse", "HEAD"))
+    assert (Path(source.load(str(project / ".cache" / "got"))) / "conversations.jsonl").is_file()
+    # Metrics on the logged model, measured on the held-out split; none left in tags.
+    model_metrics = {m.key: m for m in client.get_logged_model(
+        champion.source.removeprefix("models:/")).metrics}
+    assert model_metrics["tuned_rougeL"].value == pytest.approx(metrics["tuned_rougeL"])
+    assert model_metrics["tuned_rougeL"].dataset_digest == tags["phi3ops.dataset_md5"]
+    assert not [k for k in tags if k.startswith("metric.")]
+    assert "only if it beats the base" in client.get_registered_model(MODEL).description
 
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
@@ -177,6 +196,22 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert missing.returncode == 2 and "has no version 9" in missing.stderr
     by_number = cli("chat", "--version", "1", "What is the capital of Italy?")
     assert by_number.returncode == 0 and "Rome" in by_number.stdout, by_number.stderr
+    # `phi3ops lineage`: what made v1 and what happened to it since.
+    made = cli("lineage", "--version", "1", "--json")
+    assert made.returncode == 0, made.stderr
+    v1 = json.loads(made.stdout)
+    assert v1["aliases"] == ["@champion"] and v1["decision"] == "promoted"
+    assert v1["data"]["md5"] == tags["phi3ops.dataset_md5"] and v1["data"]["rows"]["rejected"] == 3
+    assert v1["code"] == {"git_rev": tags["phi3ops.code_git_rev"],
+                          "hash": tags["phi3ops.code_hash"]}
+    assert "max_steps: -1" in v1["config"]["resolved"] and v1["run"]["id"] == first["run_id"]
+    assert any(r.startswith("torch==") and "+" not in r
+               for r in v1["environment"]["requirements"])
+    assert v1["environment"]["lock"] == file_sha256(REPO / "requirements.lock")
+    assert v1["metrics"]["tuned_rougeL"] == pytest.approx(metrics["tuned_rougeL"])
+    assert "registered, @challenger" in v1["history"][0] and "@champion" in v1["history"][1]
+    text = cli("lineage", "--version", "1").stdout
+    assert "rougeL       tuned" in text and "<- the policy's metric" in text
 
     # Runs that fail are marked FAILED and never move an alias: first a data file changed
     # behind DVC's back, then the same file recorded as a version in which every row is invalid.

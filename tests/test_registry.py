@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from mlflow.exceptions import MlflowException
 
@@ -31,13 +32,17 @@ from phi3ops.registry import (
     check_requirements_in_background,
     connect,
     pip_requirements,
+    version_metrics,
 )
 from tests.conftest import REPO
 
 
-def version(n: int, **metrics: float) -> ModelVersion:
-    tags = [ModelVersionTag(f"metric.{k}", repr(v)) for k, v in metrics.items()]
-    return ModelVersion("m", str(n), 0, tags=tags)
+def version(n: int, evaluated_against: str | None = None, **metrics: float) -> ModelVersion:
+    """A version as the registry returns it, with the metrics of its logged model."""
+    tags = [ModelVersionTag("phi3ops.evaluated_against", evaluated_against)] * bool(
+        evaluated_against)
+    return ModelVersion("m", str(n), 0, tags=tags,
+                        metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
 
 
 @pytest.fixture
@@ -53,12 +58,25 @@ def register(cfg, **metrics: float) -> str:
         client.create_registered_model(cfg.registered_model)
     except Exception:
         pass  # already there
-    run = client.create_run(connect(cfg))
-    source = f"runs:/{run.info.run_id}/adapter"
-    mv = client.create_model_version(cfg.registered_model, source=source, run_id=run.info.run_id)
-    for key, value in metrics.items():
-        client.set_model_version_tag(cfg.registered_model, mv.version, f"metric.{key}", repr(value))
-    return mv.version
+    experiment = connect(cfg)
+    run_id = client.create_run(experiment).info.run_id
+    model = client.create_logged_model(experiment, source_run_id=run_id)
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0, model_id=model.model_id)
+                                      for k, v in metrics.items()])
+    return client.create_model_version(cfg.registered_model, f"models:/{model.model_id}",
+                                       run_id=run_id, model_id=model.model_id).version
+
+
+def test_metrics_are_read_from_the_logged_model_and_from_older_versions_tags(mlflow_cfg):
+    client = MlflowClient()
+    current = client.get_model_version(mlflow_cfg.registered_model,
+                                       register(mlflow_cfg, tuned_rougeL=0.5, base_rougeL=0.2))
+    assert version_metrics(current) == {"tuned_rougeL": 0.5, "base_rougeL": 0.2}
+    assert not any(k.startswith("metric.") for k in current.tags)
+    run_id = client.create_run(connect(mlflow_cfg)).info.run_id  # as versions were registered
+    older = client.create_model_version(mlflow_cfg.registered_model, f"runs:/{run_id}/adapter",
+                                        run_id=run_id, tags={"metric.tuned_rougeL": "0.25"})
+    assert version_metrics(older) == {"tuned_rougeL": 0.25}
 
 
 def test_decide_first_champion_must_beat_base(mlflow_cfg):
@@ -77,20 +95,17 @@ def test_decide_never_promotes_on_nan_or_missing(mlflow_cfg):
 def test_decide_uses_the_paired_delta_against_the_same_champion(mlflow_cfg):
     champion = version(1, tuned_rougeL=0.9, base_rougeL=0.1)
     # Scored against v1 on the same split: a small paired gain counts...
-    candidate = version(2, tuned_rougeL=0.5, base_rougeL=0.1, delta_base_rougeL=0.4,
-                        delta_champion_rougeL=0.02, delta_champion_rougeL_lo=-0.01)
-    candidate.tags["phi3ops.evaluated_against"] = "1"
-    ok, reason = decide(mlflow_cfg, candidate, champion)
+    scores = dict(tuned_rougeL=0.5, base_rougeL=0.1, delta_base_rougeL=0.4,
+                  delta_champion_rougeL=0.02, delta_champion_rougeL_lo=-0.01)
+    ok, reason = decide(mlflow_cfg, version(2, "1", **scores), champion)
     assert ok and "+0.0200 over the champion" in reason
     # ...unless the policy wants the interval above zero.
     policy = mlflow_cfg.promotion.model_copy(update={"require_interval_above_zero": True})
     strict = mlflow_cfg.model_copy(update={"promotion": policy})
-    candidate.tags["metric.delta_base_rougeL_lo"] = "0.3"
-    ok, reason = decide(strict, candidate, champion)
+    ok, reason = decide(strict, version(2, "1", **scores, delta_base_rougeL_lo=0.3), champion)
     assert not ok and "lower bound -0.0100" in reason
     # A delta measured against another champion is ignored: stored scores decide (0.5 < 0.9).
-    candidate.tags["phi3ops.evaluated_against"] = "7"
-    assert not decide(mlflow_cfg, candidate, champion)[0]
+    assert not decide(mlflow_cfg, version(2, "7", **scores), champion)[0]
 
 
 def test_decide_requires_more_than_min_gain(mlflow_cfg):
@@ -308,6 +323,7 @@ def test_the_early_requirements_check_passes_for_the_pinned_runtime():
     assert not thread.is_alive()
     assert [w.getMessage() for w in warnings] == []
     assert {r.split("==")[0] for r in pip_requirements()} >= {"torch", "peft", "mlflow"}
+    assert not [r for r in pip_requirements() if "+" in r], "resolvable from the public index"
 
 
 def test_the_lock_survives_being_released_while_another_creates_it(mlflow_cfg):

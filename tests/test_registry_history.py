@@ -20,7 +20,8 @@ from phi3ops.registry import (
 from tests.conftest import REPO
 
 LINEAGE = Lineage(dataset_md5="d1.dir", data_git_rev="r1", config_hash="c1",
-                  code_git_rev="r1", code_hash="h1", pipeline="tiny-cpu", base_model="tiny-phi3")
+                  code_git_rev="r1", code_hash="h1", env_lock="l1",
+                  pipeline="tiny-cpu", base_model="tiny-phi3")
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 "
 
 

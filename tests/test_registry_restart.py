@@ -13,7 +13,8 @@ from tests.conftest import REPO, free_port, start_mlflow, stop
 
 pytestmark = pytest.mark.slow  # restarts a server and waits out the backoff
 LINEAGE = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash="c1",
-                  code_git_rev="r1", code_hash="h1", pipeline="tiny-cpu", base_model="tiny-phi3")
+                  code_git_rev="r1", code_hash="h1", env_lock="l1",
+                  pipeline="tiny-cpu", base_model="tiny-phi3")
 
 
 def test_register_is_idempotent_across_a_restart(adapter, tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ def register_genuine(cfg, adapter, config_hash: str = "c1") -> tuple[str, str]:
     """(version, run id) registered the way the flow registers a trained adapter."""
     run_id = MlflowClient().create_run(connect(cfg)).info.run_id
     lineage = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash=config_hash,
-                      code_git_rev="r1", code_hash="h1", pipeline="tiny-cpu",
+                      code_git_rev="r1", code_hash="h1", env_lock="l1", pipeline="tiny-cpu",
                       base_model="tiny-phi3")
     version = register_adapter(cfg, run_id, *adapter, lineage, {"tuned_rougeL": 0.5}, 8,
                                card="card")

@@ -208,6 +208,22 @@ def chat(
 
 
 @app.command()
+def lineage(
+    version: Annotated[str, typer.Option(help="registered version")],
+    root: Root = Path("."), mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
+    as_json: Annotated[bool, typer.Option("--json", help="the lineage as JSON")] = False,
+):
+    """Which data, code, config, run and environment made a version, its metrics with
+    intervals, and its alias history."""
+    from phi3ops import versions
+
+    mcfg = mlflow_settings(ProjectPaths(root), mlflow_timeout)
+    found = versions.lineage(mcfg, version)
+    typer.echo(json.dumps(found, indent=2) if as_json
+               else versions.render_lineage(found, mcfg.promotion.metric))
+
+
+@app.command()
 def promote(
     version: Annotated[str | None, typer.Option(help="registered version to promote")] = None,
     rollback: Annotated[bool, typer.Option(help="@champion back to @previous-champion")] = False,

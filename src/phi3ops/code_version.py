@@ -2,7 +2,8 @@
 
 A retrain with the same data, config and code would only repeat a version, so it stops early.
 "Same code" is decided by the hash of the files that run (the phi3ops package with its metric
-modules, the flows package, the declared dependencies), not by the commit: committing a new
+modules, the flows package, the declared dependencies and the environment lock), not by the
+commit: committing a new
 data.dvc or a README edit makes a new commit but runs the same code, while an uncommitted edit
 of a module changes the hash.
 """
@@ -17,11 +18,14 @@ from pathlib import Path
 
 from phi3ops.config import file_sha256
 
+LOCK_FILE = Path(__file__).resolve().parents[2] / "requirements.lock"  # beside pyproject.toml
+
 
 @dataclass(frozen=True)
 class CodeVersion:
     git_rev: str  # HEAD, '-dirty' when tracked files differ: recorded, not compared
-    hash: str  # sha256 of what runs: compared
+    hash: str  # sha256 of what runs, the lock included: compared
+    env_lock: str  # sha256 of requirements.lock ("none" in an install without one)
 
 
 def package_dirs() -> list[Path]:
@@ -52,5 +56,6 @@ def current(root: Path) -> CodeVersion:
     """The code this process runs, and the commit of the project at `root`."""
     from phi3ops.data import git_rev
 
-    requirements = importlib.metadata.distribution("phi3ops").requires or []
-    return CodeVersion(git_rev(root), code_hash(package_dirs(), requirements))
+    lock = file_sha256(LOCK_FILE) if LOCK_FILE.is_file() else "none"
+    requirements = [*(importlib.metadata.distribution("phi3ops").requires or []), f"lock {lock}"]
+    return CodeVersion(git_rev(root), code_hash(package_dirs(), requirements), lock)

@@ -38,6 +38,13 @@ class Prepared:
     def data_dir(self) -> Path:
         return Path(self.prep.out_dir)
 
+    def splits(self, paths: ProjectPaths, cfg: PipelineConfig) -> dict:
+        """Train and held-out split as MLflow datasets (run_inputs.py), by context."""
+        from phi3ops import run_inputs
+
+        return run_inputs.splits(paths.root, cfg.data.path, self.dataset.md5,
+                                 self.dataset.git_rev, self.prep.n_train, self.prep.n_test)
+
 
 @dataclass(frozen=True)
 class Started:
@@ -90,9 +97,13 @@ def prepare(paths: ProjectPaths, cfg: PipelineConfig, dataset: DatasetVersion,
     if checked is not None:
         note = checked.template.system_note(prep.messages_by_role.get("system", 0),
                                             prep.n_train + prep.n_test)
+    prepared = Prepared(dataset, prep, note)
     if run_id:
+        from phi3ops import run_inputs
+
         registry.log_preprocess(run_id, prep)
-    return Prepared(dataset, prep, note)
+        run_inputs.log_splits(run_id, prepared.splits(paths, cfg))
+    return prepared
 
 
 def run_dir(paths: ProjectPaths, mcfg: MlflowConfig, cfg: PipelineConfig, dataset_md5: str,
@@ -128,7 +139,8 @@ def score(paths: ProjectPaths, cfg: PipelineConfig, prepared: Prepared, adapter_
     scores = evaluate(cfg.model, cfg.evaluation, prepared.data_dir, adapter_dir, paths.models,
                       champion=champion)
     if run_id:
-        registry.log_metrics(run_id, scores.flat())
+        registry.log_metrics(run_id, scores.flat(),
+                             dataset=prepared.splits(paths, cfg)["evaluation"])
         registry.log_samples(run_id, scores.samples, "eval/samples.json")
     return scores
 
@@ -153,7 +165,7 @@ def lineage(cfg: PipelineConfig, dataset: DatasetVersion, code: CodeVersion,
     """What made a version: the data, the config and the code."""
     return registry.Lineage(dataset_md5=dataset.md5, data_git_rev=dataset.git_rev,
                             config_hash=cfg.config_hash(), code_git_rev=code.git_rev,
-                            code_hash=code.hash, pipeline=cfg.name,
+                            code_hash=code.hash, env_lock=code.env_lock, pipeline=cfg.name,
                             base_model=cfg.model.name_or_path)
 
 
@@ -175,15 +187,18 @@ def publish(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig, checke
     base_dir = Path(checked.model_path) if Path(checked.model_path).is_dir() else None
     card = registry.model_card(cfg, made_by, metrics)
     on_stage("register")
+    held_out = prepared.splits(paths, cfg)["evaluation"]
+    about = promotion.model_description(mcfg, cfg.model.name_or_path)
     version = register(mcfg, run_id, Path(trained.adapter_dir), base_dir, made_by, metrics,
                        cfg.evaluation.max_new_tokens, evaluated_against=champion_version,
-                       card=card)
+                       card=card, held_out=held_out, about=about)
     on_registered(version)
     if cfg.registration.merged:
         on_stage("merge")
         merged_dir = merge(cfg.model, Path(trained.adapter_dir), out_dir / "merged", paths.models)
         register(mcfg, run_id, None, merged_dir, made_by, metrics,
-                 cfg.evaluation.max_new_tokens, card=card, artifact_type="merged")
+                 cfg.evaluation.max_new_tokens, card=card, artifact_type="merged",
+                 held_out=held_out)
     if "promotion.decision" in version.tags:  # a rerun: that decision stands
         decision = report.standing_decision(version, champion_version)
     else:

@@ -42,6 +42,7 @@ from phi3ops.registry import (
     connect,
     history_entry,
     log_tags,
+    version_metrics,
     with_retries,
 )
 
@@ -58,27 +59,20 @@ class PromotionDecision:
     previous_champion: str | None
 
 
-def tag_float(mv: ModelVersion, name: str) -> float:
-    try:
-        return float(mv.tags[f"metric.{name}"])
-    except (KeyError, ValueError):
-        return math.nan
-
-
-def _beats(policy: PromotionPolicy, candidate: ModelVersion, other: str, stored: float,
+def _beats(policy: PromotionPolicy, candidate: dict[str, float], other: str, stored: float,
            paired: bool = True) -> tuple[bool, str]:
     """Does the candidate beat `other` ("base" or "champion") under the policy? Uses the paired
     delta measured on the same split when `paired` and present, else the stored scores."""
     metric = policy.metric
-    delta = tag_float(candidate, f"delta_{other}_{metric}") if paired else math.nan
+    delta = candidate.get(f"delta_{other}_{metric}", math.nan) if paired else math.nan
     if not math.isfinite(delta):
-        delta = tag_float(candidate, f"tuned_{metric}") - stored
+        delta = candidate.get(f"tuned_{metric}", math.nan) - stored
     if not math.isfinite(delta):
         return False, f"no finite {metric} to compare with the {other}"
     need = policy.min_gain if other == "champion" else 0.0
     if delta <= need:
         return False, f"{metric} gain over the {other} {delta:+.4f} is not above {need}"
-    low = tag_float(candidate, f"delta_{other}_{metric}_lo") if paired else math.nan
+    low = candidate.get(f"delta_{other}_{metric}_lo", math.nan) if paired else math.nan
     if policy.require_interval_above_zero and not low > 0:
         return False, f"{metric} gain over the {other}: 95% interval lower bound {low:.4f} <= 0"
     return True, f"{metric} {delta:+.4f} over the {other}"
@@ -89,12 +83,13 @@ def decide(
 ) -> tuple[bool, str]:
     """Apply the promotion policy; any missing or NaN metric means no promotion."""
     policy = mcfg.promotion
-    value = tag_float(candidate, f"tuned_{policy.metric}")
+    scores = version_metrics(candidate)
+    value = scores.get(f"tuned_{policy.metric}", math.nan)
     if not math.isfinite(value):
         return False, f"tuned {policy.metric} missing or not finite"
     reasons = []
     if policy.must_beat_base:
-        ok, why = _beats(policy, candidate, "base", tag_float(candidate, f"base_{policy.metric}"))
+        ok, why = _beats(policy, scores, "base", scores.get(f"base_{policy.metric}", math.nan))
         if not ok:
             return False, why
         reasons.append(why)
@@ -102,9 +97,30 @@ def decide(
         return True, "; ".join([f"first champion ({policy.metric} {value:.4f})", *reasons])
     # A delta measured against another version than today's champion does not count.
     paired = candidate.tags.get("phi3ops.evaluated_against") == champion.version
-    ok, why = _beats(policy, candidate, "champion",
-                     tag_float(champion, f"tuned_{policy.metric}"), paired)
+    stored = version_metrics(champion).get(f"tuned_{policy.metric}", math.nan)
+    ok, why = _beats(policy, scores, "champion", stored, paired)
     return ok, f"{why} (champion v{champion.version})" + "".join(f"; {r}" for r in reasons)
+
+
+def model_description(mcfg: MlflowConfig, base_model: str) -> str:
+    """The registered model's own description: what its versions are, and how @champion moves."""
+    policy = mcfg.promotion
+    rules = [f"its tuned {policy.metric} on the held-out split beats the champion's by more "
+             f"than {policy.min_gain}"]
+    if policy.must_beat_base:
+        rules.insert(0, f"it beats the base model's {policy.metric}")
+    if policy.require_interval_above_zero:
+        rules.append("the bootstrap 95% interval of each gain lies above zero")
+    return "\n".join([
+        f"LoRA adapters of `{base_model}` fine-tuned by phi3ops on the team's chat data. Each "
+        "version's description says which data (DVC md5), config and code made it, with its "
+        "metrics; its model metrics are the held-out evaluation.", "",
+        f"Aliases: `@{mcfg.challenger_alias}` is the newest version, `@{mcfg.champion_alias}` the "
+        f"one serving, `@{PREVIOUS}` the champion before it. A new version becomes "
+        f"`@{mcfg.champion_alias}` only if " + "; ".join(rules) + ". Missing or NaN metrics "
+        "never promote; a failed run moves no alias. By hand: `phi3ops promote --version N` "
+        "(same policy), `phi3ops promote --rollback`.",
+    ])
 
 
 def _tag(client: MlflowClient, mcfg: MlflowConfig, version: str, **tags: str) -> None:

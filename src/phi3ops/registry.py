@@ -35,7 +35,9 @@ from phi3ops.locking import process_alive, process_started
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
 from phi3ops.trusted_load import MANIFEST_TAG, artifact_manifest, inspect_version, load_verified
 
-if TYPE_CHECKING:  # a type only: chat and serving load no `datasets`
+if TYPE_CHECKING:  # types only: chat and serving load no `datasets`
+    from mlflow.data.dataset import Dataset
+
     from phi3ops.preprocess import PreprocessResult
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,9 @@ RUNTIME_PACKAGES = ("torch", "transformers", "peft", "loralib", "accelerate", "s
 
 
 def pip_requirements() -> list[str]:
-    """What a registered model needs to load: the runtime packages, pinned as installed."""
-    return [f"{p}=={installed_version(p)}" for p in RUNTIME_PACKAGES]
+    """What a registered model needs to load: the runtime packages, pinned as installed, without
+    a local build label (torch's `+cpu`), which the public index does not resolve."""
+    return [f"{p}=={installed_version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]
 
 
 def check_requirements_in_background() -> threading.Thread:
@@ -67,6 +70,7 @@ class Lineage:
     config_hash: str
     code_git_rev: str  # the commit, for people
     code_hash: str  # what ran (code_version.py): what "same code" compares
+    env_lock: str  # sha256 of requirements.lock, the environment it ran in
     pipeline: str
     base_model: str
 
@@ -106,15 +110,21 @@ def start_run(mcfg: MlflowConfig, cfg: PipelineConfig, run_name: str | None = No
     return run_id
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    log_metric_steps(run_id, [(step or 0, metrics)])
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None,
+                dataset: Dataset | None = None, model_id: str | None = None) -> None:
+    """Metrics of one step, naming the dataset they were measured on and the logged model they
+    describe (MLflow 3: the registry shows a version's model metrics), when given."""
+    link = {"model_id": model_id}
+    if dataset is not None:
+        link.update(dataset_name=dataset.name, dataset_digest=dataset.digest)
+    log_metric_steps(run_id, [(step or 0, metrics)], link=link)
 
 
 def log_metric_steps(run_id: str, points: list[tuple[int, dict[str, float]]],
-                     tracking_uri: str | None = None) -> None:
+                     tracking_uri: str | None = None, link: dict | None = None) -> None:
     """Metrics of several steps in as few calls as MLflow's batch limit allows."""
     now = int(time.time() * 1000)  # MLflow's timestamps: epoch milliseconds
-    metrics = [Metric(k, float(v), now, step) for step, values in points
+    metrics = [Metric(k, float(v), now, step, **(link or {})) for step, values in points
                for k, v in values.items()]
     client = MlflowClient(tracking_uri)
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 per batch
@@ -260,6 +270,7 @@ def register_adapter(
     mcfg: MlflowConfig, run_id: str, adapter_dir: Path | None, base_dir: Path | None,
     lineage: Lineage, metrics: dict[str, float], max_new_tokens: int,
     evaluated_against: str | None = None, card: str = "", artifact_type: str = "adapter",
+    held_out: Dataset | None = None, about: str = "",
 ) -> ModelVersion:
     """Log the model in the run, register it and set `@challenger`. Idempotent: the same
     (data, config, code) gives the existing version, also when a retry follows a failure.
@@ -291,14 +302,14 @@ def register_adapter(
                 signature=SIGNATURE,
                 pip_requirements=pip_requirements(),
             )
+            log_metrics(run_id, metrics, dataset=held_out, model_id=info.model_id)
         # Lineage, key and metrics are set with the version itself, so none is ever missing.
         tags = {**lineage.tags(), "phi3ops.artifact_type": artifact_type,
                 "phi3ops.run_id": run_id, "phi3ops.registration_key": key,
                 MANIFEST_TAG: artifact_manifest(adapter_dir, base_dir),  # checked on every load
                 f"{HISTORY}001": history_entry("registered" + (
                     f", @{mcfg.challenger_alias}" if artifact_type == "adapter" else ""),
-                    f"run {run_id}"),
-                **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()}}
+                    f"run {run_id}")}
         if evaluated_against is not None:  # the champion scored on the same split in this run
             tags["phi3ops.evaluated_against"] = evaluated_against
         return mlflow.register_model(info.model_uri, name, tags=tags)
@@ -308,10 +319,27 @@ def register_adapter(
     client = MlflowClient()
     with_retries("describe the version", lambda: client.update_model_version(
         name, version.version, description=card))
+    if about:
+        with_retries("describe the model", lambda: client.update_registered_model(
+            name, description=about))
     if artifact_type == "adapter" and not existed:  # never back to an older version
         with_retries("set @challenger", lambda: client.set_registered_model_alias(
             name, mcfg.challenger_alias, version.version))
     return version
+
+
+def version_metrics(version: ModelVersion) -> dict[str, float]:
+    """A version's evaluation metrics: those of its logged model, or the `metric.*` tags of a
+    version registered before phi3ops logged metrics to the model."""
+    if version.metrics is not None:
+        return {m.key: m.value for m in version.metrics}
+    scores = {}
+    if version.source and version.source.startswith("models:/m-"):  # MLflow 3's logged model
+        scores = with_retries("read the model's metrics", lambda: {
+            m.key: m.value for m in MlflowClient().get_logged_model(
+                version.source.removeprefix("models:/")).metrics or []})
+    return scores or {k.removeprefix("metric."): float(v) for k, v in version.tags.items()
+                      if k.startswith("metric.")}
 
 
 def alias_version(mcfg: MlflowConfig, alias: str) -> ModelVersion | None:

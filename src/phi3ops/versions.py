@@ -1,8 +1,9 @@
 """The registry as a user reads it: every version with its aliases, decision, key metric and
-data; and two versions side by side (metrics, config, data).
+data; two versions side by side (metrics, config, data); one version's whole lineage.
 
     phi3ops models                 # one line per version, newest first
     phi3ops models diff 1 3        # what changed from v1 to v3
+    phi3ops lineage --version 3    # which data, code, config and environment made v3
 """
 
 from __future__ import annotations
@@ -18,21 +19,17 @@ from mlflow.entities.model_registry import ModelVersion
 
 from phi3ops.config import DataConfig, MlflowConfig
 from phi3ops.errors import ConfigError
-from phi3ops.registry import connect
-
-
-def _metric(version: ModelVersion, key: str) -> float | None:
-    value = version.tags.get(f"metric.{key}")
-    return None if value is None else float(value)
+from phi3ops.registry import HISTORY, connect, version_metrics
 
 
 def key_metric(version: ModelVersion, metric: str) -> str:
     """The tuned model's score and its gain over the base with the 95% interval."""
-    tuned, gain = _metric(version, f"tuned_{metric}"), _metric(version, f"delta_base_{metric}")
+    scores = version_metrics(version)
+    tuned, gain = scores.get(f"tuned_{metric}"), scores.get(f"delta_base_{metric}")
     if tuned is None:
         return "-"
     text = f"{tuned:.4f}"
-    lo, hi = (_metric(version, f"delta_base_{metric}_{end}") for end in ("lo", "hi"))
+    lo, hi = (scores.get(f"delta_base_{metric}_{end}") for end in ("lo", "hi"))
     if gain is not None and lo is not None and hi is not None:
         text += f" ({gain:+.4f} vs base, 95% CI {lo:+.4f}..{hi:+.4f})"
     return text
@@ -52,8 +49,7 @@ def list_versions(mcfg: MlflowConfig) -> list[dict]:
         "decision": v.tags.get("promotion.decision", "undecided"),
         mcfg.promotion.metric: key_metric(v, mcfg.promotion.metric),
         "data_md5": v.tags.get("phi3ops.dataset_md5", "?")[:12],
-        "created": datetime.fromtimestamp(v.creation_timestamp / 1000, UTC).strftime(
-            "%Y-%m-%d %H:%M"),
+        "created": _when(v.creation_timestamp),
     } for v in found]
 
 
@@ -109,3 +105,73 @@ def diff(mcfg: MlflowConfig, a: str, b: str, root: Path, data_cfg: DataConfig) -
         a_dir, b_dir = (Path(checkout_version(root, data_cfg, rev).path) for rev in revs)
         out.append(diff_dirs(a_dir, b_dir, f"v{va.version}", f"v{vb.version}").markdown())
     return "\n".join(out)
+
+
+def lineage(mcfg: MlflowConfig, number: str) -> dict:
+    """What made one version and what happened to it since: data, code, config, run,
+    environment, metrics with intervals, and its alias history."""
+    connect(mcfg)
+    client = MlflowClient()
+    version = _version(mcfg, number)
+    tags = version.tags
+    run_id = tags.get("phi3ops.run_id") or version.run_id
+    run = client.get_run(run_id)
+    aliases = [f"@{a}" for a, v in client.get_registered_model(
+        mcfg.registered_model).aliases.items() if str(v) == version.version]
+    root = client.get_model_version_download_uri(version.name, version.version)
+    scores = version_metrics(version)
+    return {
+        "version": int(version.version), "aliases": sorted(aliases),
+        "decision": tags.get("promotion.decision", "undecided"),
+        "reason": tags.get("promotion.reason", ""),
+        "data": {"md5": tags.get("phi3ops.dataset_md5"),
+                 "git_rev": tags.get("phi3ops.data_git_rev"),
+                 "asked_rev": run.data.tags.get("phi3ops.data_rev"),
+                 "rows": {k.removeprefix("data_n_"): int(v) for k, v in run.data.metrics.items()
+                          if k.startswith("data_n_")}},
+        "code": {"git_rev": tags.get("phi3ops.code_git_rev"),
+                 "hash": tags.get("phi3ops.code_hash")},
+        "config": {"hash": tags.get("phi3ops.config_hash"),
+                   "resolved": "\n".join(_config_yaml(version))},
+        "run": {"id": run_id, "name": run.info.run_name, "status": run.info.status,
+                "parent": run.data.tags.get("mlflow.parentRunId"),
+                "started": _when(run.info.start_time)},
+        "environment": {"lock": tags.get("phi3ops.env_lock"), "requirements":
+                        mlflow.artifacts.load_text(f"{root}/requirements.txt").split()},
+        "metrics": {m: scores[m] for m in sorted(scores)},
+        "history": [tags[k] for k in sorted(tags) if k.startswith(HISTORY)],
+    }
+
+
+def _when(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def render_lineage(found: dict, metric: str) -> str:
+    """The lineage as text: one fact per line, metrics with their 95% intervals."""
+    data, code, run, env = found["data"], found["code"], found["run"], found["environment"]
+    scores = found["metrics"]
+    lines = [f"v{found['version']} {' '.join(found['aliases'])}".rstrip(),
+             f"  decision: {found['decision']}: {found['reason']}",
+             f"  data:     DVC md5 {data['md5']} at git {data['git_rev']} "
+             f"(asked: {data['asked_rev']})",
+             "            " + ", ".join(f"{n} {k}" for k, n in data["rows"].items()),
+             f"  code:     git {code['git_rev']}, hash {(code['hash'] or '?')[:16]}",
+             f"  config:   hash {found['config']['hash']} (resolved YAML below)",
+             f"  run:      {run['id']} ({run['name']}, {run['status']}, {run['started']}"
+             + (f", parent {run['parent']})" if run["parent"] else ")"),
+             f"  env:      requirements.lock {(env['lock'] or '?')[:16]}; the model needs "
+             + " ".join(env["requirements"]), "  metrics:"]
+    for name in sorted(k for k in scores if k.startswith("tuned_")):
+        base = name.removeprefix("tuned_")
+        row = f"    {base:12s} tuned {scores[name]:.4f}"
+        for other in ("base", "champion"):
+            key = f"delta_{other}_{base}"
+            if key in scores:
+                row += (f", {scores[key]:+.4f} vs {other} (95% CI {scores[key + '_lo']:+.4f}.."
+                        f"{scores[key + '_hi']:+.4f})")
+        lines.append(row + ("  <- the policy's metric" if base == metric else ""))
+    lines += ["  history:"] + [f"    {entry}" for entry in found["history"]]
+    lines += ["  config (resolved):"] + [f"    {line}" for line in
+                                          found["config"]["resolved"].splitlines()]
+    return "\n".join(lines)
