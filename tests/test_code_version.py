@@ -3,8 +3,8 @@
 import subprocess
 
 from phi3ops import code_version
-from phi3ops.config import file_sha256
 from phi3ops.code_version import code_hash
+from phi3ops.config import file_sha256
 
 
 def test_the_hash_follows_the_code_and_dependencies_only(tmp_path):

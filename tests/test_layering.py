@@ -47,6 +47,16 @@ def test_inference_imports_no_training_code(module, forbidden):
     assert loaded == "[]"
 
 
+def test_what_a_registered_model_ships_imports_nothing_of_phi3ops():
+    """chat_model_code.py and chat_runtime.py load in an environment without phi3ops; the
+    model code may name the package only as its fallback inside a phi3ops checkout."""
+    runtime = imported_modules(SRC / "phi3ops" / "chat_runtime.py")
+    assert runtime <= {"__future__", "json", "collections", "pathlib", "loralib", "torch",
+                       "safetensors", "peft", "transformers"}, runtime
+    code = (SRC / "phi3ops" / "chat_model_code.py").read_text()
+    assert code.count("phi3ops.") == 1 and "from chat_runtime import" in code
+
+
 def test_files_stay_readable():
     for path in list(SRC.rglob("*.py")) + list((SRC.parent / "flows").rglob("*.py")):
         assert len(path.read_text().splitlines()) <= 400, path

@@ -113,7 +113,7 @@ def test_a_genuine_version_loads_and_answers(root, adapter):
     assert manifest["adapter/adapter_model.safetensors"] == file_sha256(
         adapter_dir / "adapter_model.safetensors")
     assert manifest["base_model/model.safetensors"] == file_sha256(base_dir / "model.safetensors")
-    assert "chat_model_code.py" in manifest
+    assert "chat_model_code.py" in manifest and "code/chat_runtime.py" in manifest
 
     champion_version, (model, tokenizer) = load_champion(cfg)
     assert champion_version == version and tokenizer.chat_template
@@ -167,3 +167,53 @@ def test_a_version_registered_before_hashes_loads_once_trusted(root, adapter):
         [QUESTION["messages"]])
     again = one_paragraph(phi3ops("trust", "--version", version, "--root", str(root)))
     assert "already has its files' hashes" in again
+
+
+ANSWER_FROM_THE_REGISTRY = """
+import sys, mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+question = {"role": "user", "content": "What is the capital of France?"}
+print(model.predict({"messages": [question]})[0])
+"""
+
+
+@pytest.mark.slow
+def test_the_adapter_and_the_merged_model_load_in_a_venv_built_from_their_requirements(
+        root, adapter, tiny_config, tiny_models, tmp_path):
+    """Portable: a fresh venv with only the registered model's requirements.txt, no phi3ops,
+    loads both registered forms through MLflow and answers as phi3ops' own loader does."""
+    import subprocess
+    import sys
+
+    from phi3ops.inference import merge_adapter
+
+    cfg = settings(root)
+    version, run_id = register_genuine(cfg, adapter)
+    merged_dir = merge_adapter(tiny_config.model, adapter[0], tmp_path / "merged", tiny_models)
+    lineage = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash="c1",
+                      code_git_rev="r1", code_hash="h1", env_lock="l1", pipeline="tiny-cpu",
+                      base_model="tiny-phi3")
+    merged = register_adapter(cfg, run_id, None, merged_dir, lineage, {"tuned_rougeL": 0.5}, 8,
+                              artifact_type="merged")
+    uris = [f"models:/{cfg.registered_model}/{version}",
+            f"models:/{cfg.registered_model}-merged/{merged.version}"]
+    requirements = mlflow.artifacts.download_artifacts(f"{uris[0]}/requirements.txt",
+                                                       dst_path=str(tmp_path / "req"))
+    assert "phi3ops" not in Path(requirements).read_text()
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-compile", "-r",
+                              requirements], capture_output=True, text=True, timeout=1200)
+    assert install.returncode == 0, install.stderr[-3000:]
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path),
+           "MLFLOW_TRACKING_URI": cfg.tracking_uri, "HF_HUB_OFFLINE": "1"}
+    assert subprocess.run([python, "-c", "import phi3ops"], env=env, cwd=tmp_path,
+                          capture_output=True).returncode != 0, "phi3ops is not in that venv"
+    for uri in uris:
+        answered = subprocess.run([python, "-c", ANSWER_FROM_THE_REGISTRY, uri], env=env,
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert answered.returncode == 0, answered.stderr[-3000:]
+        assert answered.stdout.strip() == load_registered(cfg, uri).answer(
+            [QUESTION["messages"]])[0].strip()

@@ -16,17 +16,15 @@ from pathlib import Path
 import loralib as lora
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from phi3ops import chat_runtime
 from phi3ops.config import PeftLoraConfig
 from phi3ops.errors import ConfigError, Phi3opsError
 
-LORALIB_WEIGHTS = "lora.safetensors"
-LORALIB_CONFIG = "loralib_config.json"
-PEFT_CONFIG = "adapter_config.json"
-FUSED_QKV = "qkv_proj"
+LORALIB_WEIGHTS, LORALIB_CONFIG = chat_runtime.LORALIB_WEIGHTS, chat_runtime.LORALIB_CONFIG
 
 
 def build_lora_config(cfg: PeftLoraConfig) -> LoraConfig:
@@ -58,31 +56,7 @@ def attach(model: PreTrainedModel, cfg: PeftLoraConfig, backend: str) -> nn.Modu
 def attach_loralib(model: PreTrainedModel, cfg: PeftLoraConfig,
                    lora_dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Swap each target nn.Linear for its loralib twin around the same (frozen) weight."""
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf not in cfg.target_modules or not isinstance(module, nn.Linear):
-            continue
-        kwargs = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                  "bias": module.bias is not None}
-        with torch.device(module.weight.device):
-            if leaf == FUSED_QKV:
-                layer = lora.MergedLinear(module.in_features, module.out_features,
-                                          enable_lora=[True, True, True], **kwargs)
-            else:
-                layer = lora.Linear(module.in_features, module.out_features, **kwargs)
-        layer.to(dtype=lora_dtype or module.weight.dtype)
-        layer.weight = module.weight  # the base weight itself, frozen; no copy
-        if module.bias is not None:
-            layer.bias = module.bias
-        model.set_submodule(name, layer)
-        replaced += 1
-    if not replaced:
-        raise Phi3opsError(f"loralib: none of {list(cfg.target_modules)} is an nn.Linear in "
-                           f"{type(model).__name__}")
-    lora.mark_only_lora_as_trainable(model, bias=cfg.bias)
-    model.config.phi3ops_loralib = cfg.model_dump(mode="json")
-    return model
+    return chat_runtime.attach_loralib(model, cfg.model_dump(mode="json"), lora_dtype)
 
 
 def loralib_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
@@ -102,30 +76,19 @@ def save(model: nn.Module, out_dir: Path) -> None:
 
 
 def load(base: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> nn.Module:
-    """Base first, then the adapter on top; the format is recognised from the files."""
-    adapter_dir = Path(adapter_dir)
-    if (adapter_dir / PEFT_CONFIG).is_file():
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
-    if not (adapter_dir / LORALIB_CONFIG).is_file():
-        raise Phi3opsError(f"{adapter_dir}: neither a peft adapter ({PEFT_CONFIG}) nor a loralib "
-                           f"one ({LORALIB_CONFIG})")
-    cfg = PeftLoraConfig(**json.loads((adapter_dir / LORALIB_CONFIG).read_text()))
-    model = attach_loralib(base, cfg)
-    load_loralib_weights(model, adapter_dir / LORALIB_WEIGHTS)
-    return model
+    """Base first, then the adapter on top (chat_runtime: what registered models ship)."""
+    try:
+        return chat_runtime.load_adapter(base, adapter_dir, trainable)
+    except chat_runtime.UnsafeModelFiles as e:
+        raise Phi3opsError(str(e)) from e
 
 
 def load_loralib_weights(model: nn.Module, path: Path) -> None:
-    """strict=False because the file holds only LoRA weights; every one of them must land."""
-    weights = load_file(str(path))
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    result = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
-    if result.unexpected_keys:
-        raise Phi3opsError(f"{path}: weights for layers this model does not have: "
-                           f"{result.unexpected_keys[:3]}")
-    missing_lora = [k for k in result.missing_keys if "lora_" in k]
-    if missing_lora:
-        raise Phi3opsError(f"{path}: LoRA weights missing for {missing_lora[:3]}")
+    """A loralib checkpoint's LoRA weights (resuming training); each must land."""
+    try:
+        chat_runtime.load_loralib_weights(model, path)
+    except chat_runtime.UnsafeModelFiles as e:
+        raise Phi3opsError(str(e)) from e
 
 
 def _lora_layers(model: nn.Module) -> list[lora.LoRALayer]:

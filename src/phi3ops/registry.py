@@ -32,7 +32,7 @@ from mlflow.utils.requirements_utils import (  # not public: the check log_model
 from phi3ops.config import MlflowConfig, PipelineConfig, sha256_json
 from phi3ops.errors import RegistryError
 from phi3ops.locking import process_alive, process_started
-from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, model_artifacts
+from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, RUNTIME_CODE, model_artifacts
 from phi3ops.trusted_load import MANIFEST_TAG, artifact_manifest, inspect_version, load_verified
 
 if TYPE_CHECKING:  # types only: chat and serving load no `datasets`
@@ -297,6 +297,7 @@ def register_adapter(
             info = mlflow.pyfunc.log_model(
                 name=artifact_type,
                 python_model=MODEL_CODE,
+                code_paths=[RUNTIME_CODE],  # imported by MODEL_CODE: no phi3ops needed to load
                 artifacts=model_artifacts(adapter_dir, base_dir),
                 model_config={"base_model": lineage.base_model, "max_new_tokens": max_new_tokens},
                 signature=SIGNATURE,

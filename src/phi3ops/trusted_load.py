@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 
 from phi3ops.config import file_sha256
 from phi3ops.errors import RegistryError
-from phi3ops.serving import MODEL_CODE, model_artifacts
+from phi3ops.serving import MODEL_CODE, RUNTIME_CODE, model_artifacts
 
 if TYPE_CHECKING:
     from phi3ops.inference import ChatModel
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 MANIFEST_TAG = "phi3ops.artifacts_sha256"
 OWN_TAGS = ("phi3ops.registration_key", "phi3ops.artifact_type", MANIFEST_TAG)
 CODE_FILE = Path(MODEL_CODE).name  # the models-from-code file MLflow copies into the model
+CODE_DIR = "code"  # where MLflow puts code_paths: chat_runtime.py, which CODE_FILE imports
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
 ARTIFACT_NAMES = {"adapter", "base_model"}
 FORMS = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/adapter or a run id (phi3ops "
@@ -61,7 +62,8 @@ def artifact_manifest(adapter_dir: Path | None, base_dir: Path | None) -> str:
     """sha256 of every file registration logs, as JSON for the version tag MANIFEST_TAG: a load
     checks the files it downloads against it, so files changed in the artifact store after
     registration are never loaded."""
-    files = {CODE_FILE: file_sha256(Path(MODEL_CODE))}
+    files = {CODE_FILE: file_sha256(Path(MODEL_CODE)),
+             f"{CODE_DIR}/{Path(RUNTIME_CODE).name}": file_sha256(Path(RUNTIME_CODE))}
     for name, directory in model_artifacts(adapter_dir, base_dir).items():
         files.update({f"{name}/{rel}": h for rel, h in _hash_tree(Path(directory)).items()})
     return _as_tag(files)
@@ -189,8 +191,9 @@ def check_own(client: MlflowClient, version: ModelVersion, dst: Path,
         problems.append(f"its loader is {flavor.get('loader_module')}, not models-from-code")
     if "python_model" in flavor:
         problems.append(f"it holds a pickled python_model ({flavor['python_model']})")
-    if PurePosixPath(str(flavor.get("model_code_path"))).name != CODE_FILE or flavor.get("code"):
-        problems.append(f"its code is not phi3ops' {CODE_FILE} alone")
+    if (PurePosixPath(str(flavor.get("model_code_path"))).name != CODE_FILE
+            or flavor.get("code") not in (None, CODE_DIR)):
+        problems.append(f"its code is not phi3ops' {CODE_FILE} (and {CODE_DIR}/)")
     if not artifacts or not set(artifacts) <= ARTIFACT_NAMES:
         problems.append(f"its artifacts {sorted(artifacts)} are not {sorted(ARTIFACT_NAMES)}")
     for spec in artifacts.values():
@@ -233,6 +236,9 @@ def _download_files(client: MlflowClient, version: ModelVersion, flavor: dict,
     local = {name: _download(client, f"{root}/{spec['path']}", dst / "files" / name)
              for name, spec in flavor["artifacts"].items()}
     found = {CODE_FILE: file_sha256(_download(client, f"{root}/{CODE_FILE}", dst / "code"))}
+    if flavor.get("code"):  # registered since models ship chat_runtime.py
+        shipped = _download(client, f"{root}/{CODE_DIR}", dst / "shipped")
+        found.update({f"{CODE_DIR}/{rel}": h for rel, h in _hash_tree(shipped).items()})
     for name, directory in local.items():
         found.update({f"{name}/{rel}": h for rel, h in _hash_tree(directory).items()})
     return local, found
