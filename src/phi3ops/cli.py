@@ -153,6 +153,7 @@ def evaluate(
     pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
     data_rev: Annotated[str | None, typer.Option(help="held-out split of this git rev")] = None,
     mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
+    as_json: Annotated[bool, typer.Option("--json", help="the metrics as JSON")] = False,
 ):
     """Score one model on the held-out split of the pipeline's data, on its own."""
     from phi3ops.registry import check_registered, load_chat_model
@@ -177,6 +178,9 @@ def evaluate(
         chat_model = load_chat_model(mcfg, model)
     conversations = held_out(prepared.data_dir, cfg.evaluation)
     _, metrics, _ = run_model(*chat_model, conversations, cfg.evaluation, model)
+    if as_json:
+        typer.echo(json.dumps({"dataset_md5": dataset.md5, "metrics": metrics}))
+        return
     typer.echo(f"{model} on {len(conversations)} held-out conversations of {dataset.md5}:")
     for name, value in metrics.items():
         typer.echo(f"  {name:12s} {value:.4f}")
@@ -221,6 +225,26 @@ def lineage(
     found = versions.lineage(mcfg, version)
     typer.echo(json.dumps(found, indent=2) if as_json
                else versions.render_lineage(found, mcfg.promotion.metric))
+
+
+@app.command()
+def reproduce(
+    version: Annotated[str, typer.Option(help="registered version")],
+    root: Root = Path("."), mlflow_timeout: MlflowTimeout = MLFLOW_TIMEOUT_S,
+    as_json: Annotated[bool, typer.Option("--json", help="the comparison as JSON")] = False,
+):
+    """Train and evaluate a version again from its record (code rev, data rev, config) without
+    registering it; exit 0 when adapter and metrics match exactly, 1 when they differ."""
+    from dataclasses import asdict
+
+    from phi3ops.reproduce import reproduce as rebuild
+
+    paths = ProjectPaths(root)
+    result = rebuild(mlflow_settings(paths, mlflow_timeout), paths.root, version)
+    typer.echo(json.dumps({**asdict(result), "reproducible": result.reproducible}, indent=2)
+               if as_json else result.render())
+    if not result.reproducible:
+        raise typer.Exit(1)
 
 
 @app.command()
