@@ -212,6 +212,12 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert "registered, @challenger" in v1["history"][0] and "@champion" in v1["history"][1]
     text = cli("lineage", "--version", "1").stdout
     assert "rougeL       tuned" in text and "<- the policy's metric" in text
+    # `phi3ops reproduce`: trained again from v1's record, the same adapter bytes and metrics.
+    again = cli("reproduce", "--version", "1", "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    rebuilt = json.loads(again.stdout)
+    assert rebuilt["reproducible"] and rebuilt["differences"] == []
+    assert rebuilt["metrics"]["rougeL"] == [metrics["tuned_rougeL"]] * 2
 
     # Runs that fail are marked FAILED and never move an alias: first a data file changed
     # behind DVC's back, then the same file recorded as a version in which every row is invalid.

@@ -25,6 +25,7 @@ from phi3ops.config import PeftLoraConfig
 from phi3ops.errors import ConfigError, Phi3opsError
 
 LORALIB_WEIGHTS, LORALIB_CONFIG = chat_runtime.LORALIB_WEIGHTS, chat_runtime.LORALIB_CONFIG
+PEFT_CONFIG = chat_runtime.PEFT_CONFIG
 
 
 def build_lora_config(cfg: PeftLoraConfig) -> LoraConfig:
@@ -68,6 +69,12 @@ def save(model: nn.Module, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         model.save_pretrained(str(out_dir), safe_serialization=True)
+        # peft writes target_modules from a set, in an order that changes from process to
+        # process: sorted, the same training gives the same bytes (phi3ops reproduce).
+        config = json.loads((out_dir / PEFT_CONFIG).read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return
     cfg = model.config.phi3ops_loralib
     save_file(loralib_state_dict(model, cfg["bias"]), str(out_dir / LORALIB_WEIGHTS),

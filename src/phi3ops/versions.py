@@ -45,7 +45,7 @@ def list_versions(mcfg: MlflowConfig) -> list[dict]:
     found = client.search_model_versions(f"name='{mcfg.registered_model}'",
                                          order_by=["version_number DESC"])
     return [{
-        "version": int(v.version), "aliases": sorted(aliases.get(v.version, [])),
+        "version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
         "decision": v.tags.get("promotion.decision", "undecided"),
         mcfg.promotion.metric: key_metric(v, mcfg.promotion.metric),
         "data_md5": v.tags.get("phi3ops.dataset_md5", "?")[:12],
@@ -117,7 +117,7 @@ def lineage(mcfg: MlflowConfig, number: str) -> dict:
     run_id = tags.get("phi3ops.run_id") or version.run_id
     run = client.get_run(run_id)
     aliases = [f"@{a}" for a, v in client.get_registered_model(
-        mcfg.registered_model).aliases.items() if str(v) == version.version]
+        mcfg.registered_model).aliases.items() if str(v) == str(version.version)]
     root = client.get_model_version_download_uri(version.name, version.version)
     scores = version_metrics(version)
     return {
