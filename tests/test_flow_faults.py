@@ -109,7 +109,7 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
     mcfg = load_mlflow_config(project / "mlflow.yaml").resolved(project)
     assert promotion.alias_snapshot(mcfg) == {"champion": "1", "previous-champion": None,
                                               "challenger": "1"}
-    failed_run = client.get_run(new.tags["phi3ops.run_id"])
+    failed_run = client.get_run(new.run_id)
     assert failed_run.info.status == "FAILED"
     assert "phi3ops.promotion" not in failed_run.data.tags
 

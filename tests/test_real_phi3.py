@@ -54,7 +54,7 @@ def test_local_phi3_directory_trains_and_registers_without_a_retry(
     assert attempts(summary["run_id"]) == 1
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version(name, str(summary["version"]))
-    assert version.tags["phi3ops.base_model"] == str(model_dir)
+    assert f"LoRA adapter for `{model_dir}`" in version.description
     assert client.get_model_version_by_alias(name, "challenger").version == version.version
 
 

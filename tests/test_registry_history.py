@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
 from phi3ops.config import load_mlflow_config
 from phi3ops.promotion import history, promote, rollback
@@ -95,3 +95,11 @@ def test_the_history_of_a_version_is_only_ever_added_to(cfg, register):
     ]
     assert events(v3)[1:] == [f"rejected: rougeL gain over the champion -0.3000 is not above "
                               f"0.0 (champion v{v1}); rougeL +0.1000 over the base (by run three)"]
+
+
+def test_a_version_registered_before_keeps_its_numbered_history_first():
+    older = ModelVersion("m", "1", 0, tags=[ModelVersionTag("history.002", "b"),
+                                            ModelVersionTag("history.001", "a")])
+    assert history(older) == ["a", "b"]
+    newer = ModelVersion("m", "2", 0, tags=[ModelVersionTag("phi3ops.history", "a\nb\nc")])
+    assert history(newer) == ["a", "b", "c"]

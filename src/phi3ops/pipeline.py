@@ -61,8 +61,10 @@ def start(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig) -> Start
     the run; a run an earlier process left RUNNING when it died is closed as FAILED."""
     checked = preflight(cfg, paths.models)
     run_id = registry.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
-    return Started(checked, run_id, code_version.current(paths.root),
-                   registry.close_dead_runs(mcfg, run_id))
+    code = code_version.current(paths.root)
+    registry.log_tags(run_id, {"phi3ops.code_git_rev": code.git_rev,
+                               "phi3ops.code_hash": code.hash, "phi3ops.env_lock": code.env_lock})
+    return Started(checked, run_id, code, registry.close_dead_runs(mcfg, run_id))
 
 
 def made_before(mcfg: MlflowConfig, cfg: PipelineConfig, dataset: DatasetVersion,

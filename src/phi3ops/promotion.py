@@ -12,8 +12,8 @@ decides against the champion the first left, so the better version wins, not the
 When a retrain fails after its promotion, the flow's rollback puts the aliases back to a
 snapshot taken before it registered (`undo_promotion`, `undo_challenger`).
 
-The decision tags say where a version stands now; its history says how it got there and is
-never rewritten: `history.001` (registered), `history.002`, ... are only ever added, each with
+The decision tags say where a version stands now; its history (tag `phi3ops.history`, one line
+per event) says how it got there and is never rewritten: lines are only ever added, each with
 the time, the event and who caused it (a run, or user@host for a command).
 """
 
@@ -37,7 +37,8 @@ from mlflow.exceptions import MlflowException
 from phi3ops.config import MlflowConfig, PromotionPolicy
 from phi3ops.errors import RegistryError
 from phi3ops.registry import (
-    HISTORY,
+    HISTORY_TAG,
+    LEGACY_HISTORY,
     alias_version,
     connect,
     history_entry,
@@ -135,16 +136,23 @@ def actor() -> str:
 
 def _append_history(client: MlflowClient, mcfg: MlflowConfig, version: str, event: str,
                     by: str) -> None:
-    """Add the next `history.NNN` tag. Called under the promotion lock: no two writers race."""
+    """Add a line to the version's history tag (a version registered before: its next
+    `history.NNN` tag). Called under the promotion lock: no two writers race."""
     tags = client.get_model_version(mcfg.registered_model, version).tags
-    number = sum(key.startswith(HISTORY) for key in tags) + 1
-    client.set_model_version_tag(mcfg.registered_model, version, f"{HISTORY}{number:03d}",
-                                 history_entry(event, by))
+    entry = history_entry(event, by)
+    legacy = sum(key.startswith(LEGACY_HISTORY) for key in tags)
+    if legacy and HISTORY_TAG not in tags:
+        client.set_model_version_tag(mcfg.registered_model, version,
+                                     f"{LEGACY_HISTORY}{legacy + 1:03d}", entry)
+        return
+    lines = [*filter(None, tags.get(HISTORY_TAG, "").split("\n")), entry]
+    client.set_model_version_tag(mcfg.registered_model, version, HISTORY_TAG, "\n".join(lines))
 
 
 def history(mv: ModelVersion) -> list[str]:
     """A version's history, oldest first."""
-    return [mv.tags[key] for key in sorted(k for k in mv.tags if k.startswith(HISTORY))]
+    legacy = [mv.tags[k] for k in sorted(k for k in mv.tags if k.startswith(LEGACY_HISTORY))]
+    return legacy + [line for line in mv.tags.get(HISTORY_TAG, "").split("\n") if line]
 
 
 def _error_code(e: MlflowException) -> str:

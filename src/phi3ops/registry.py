@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # types only: chat and serving load no `datasets`
 
 log = logging.getLogger(__name__)
 SIGNATURE = infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."])  # messages in
-HISTORY = "history."  # a version's append-only history: history.001, history.002, ...
+HISTORY_TAG = "phi3ops.history"  # a version's append-only history, one event per line
+LEGACY_HISTORY = "history."  # how versions registered before kept it: history.001, ...
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "loralib", "accelerate", "safetensors",
                     "tokenizers", "mlflow", "pandas")
 
@@ -63,6 +64,9 @@ def check_requirements_in_background() -> threading.Thread:
     return thread
 
 
+VERSION_LINEAGE = ("dataset_md5", "data_git_rev", "config_hash", "code_git_rev", "code_hash")
+
+
 @dataclass
 class Lineage:
     dataset_md5: str
@@ -75,7 +79,9 @@ class Lineage:
     base_model: str
 
     def tags(self) -> dict[str, str]:
-        return {f"phi3ops.{k}": v for k, v in self.__dict__.items()}
+        """What the version carries; the pipeline and base model are in its card and model
+        config, the environment lock in its run's tags: a version keeps 12 tags or fewer."""
+        return {f"phi3ops.{k}": getattr(self, k) for k in VERSION_LINEAGE}
 
 
 def connect(mcfg: MlflowConfig) -> str:
@@ -306,9 +312,9 @@ def register_adapter(
             log_metrics(run_id, metrics, dataset=held_out, model_id=info.model_id)
         # Lineage, key and metrics are set with the version itself, so none is ever missing.
         tags = {**lineage.tags(), "phi3ops.artifact_type": artifact_type,
-                "phi3ops.run_id": run_id, "phi3ops.registration_key": key,
+                "phi3ops.registration_key": key,
                 MANIFEST_TAG: artifact_manifest(adapter_dir, base_dir),  # checked on every load
-                f"{HISTORY}001": history_entry("registered" + (
+                HISTORY_TAG: history_entry("registered" + (
                     f", @{mcfg.challenger_alias}" if artifact_type == "adapter" else ""),
                     f"run {run_id}")}
         if evaluated_against is not None:  # the champion scored on the same split in this run

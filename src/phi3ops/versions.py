@@ -19,7 +19,8 @@ from mlflow.entities.model_registry import ModelVersion
 
 from phi3ops.config import DataConfig, MlflowConfig
 from phi3ops.errors import ConfigError
-from phi3ops.registry import HISTORY, connect, version_metrics
+from phi3ops.promotion import history
+from phi3ops.registry import connect, version_metrics
 
 
 def key_metric(version: ModelVersion, metric: str) -> str:
@@ -136,10 +137,10 @@ def lineage(mcfg: MlflowConfig, number: str) -> dict:
         "run": {"id": run_id, "name": run.info.run_name, "status": run.info.status,
                 "parent": run.data.tags.get("mlflow.parentRunId"),
                 "started": _when(run.info.start_time)},
-        "environment": {"lock": tags.get("phi3ops.env_lock"), "requirements":
+        "environment": {"lock": run.data.tags.get("phi3ops.env_lock"), "requirements":
                         mlflow.artifacts.load_text(f"{root}/requirements.txt").split()},
         "metrics": {m: scores[m] for m in sorted(scores)},
-        "history": [tags[k] for k in sorted(tags) if k.startswith(HISTORY)],
+        "history": history(version),
     }
 
 
