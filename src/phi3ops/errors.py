@@ -3,6 +3,8 @@
 Kept free of heavy imports so `phi3ops --help` stays fast.
 """
 
+import re
+
 
 class Phi3opsError(Exception):
     """Base class: bad input or a missing resource, never a bug."""
@@ -47,3 +49,8 @@ class TrainingSetupError(Phi3opsError, RuntimeError):
 
     def __reduce__(self):  # pickled with its kind, as Prefect may store a failed task's error
         return type(self), (self.kind, str(self))
+
+
+def safe_uri(uri: str) -> str:
+    """A URI fit for a message: user and password, if any, left out."""
+    return re.sub(r"//[^/@]*@", "//", uri)

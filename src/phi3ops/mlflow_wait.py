@@ -23,8 +23,7 @@ from mlflow.environment_variables import (
 )
 from mlflow.exceptions import MlflowException, RestException
 
-from phi3ops.errors import RegistryError
-from phi3ops.trusted_load import safe_uri
+from phi3ops.errors import RegistryError, safe_uri
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 60.0  # covers an `mlflow server` restart (17-19 s on a 2-core machine)

@@ -30,7 +30,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from phi3ops.config import file_sha256
-from phi3ops.errors import RegistryError
+from phi3ops.errors import RegistryError, safe_uri
 from phi3ops.serving import MODEL_CODE, RUNTIME_CODE, model_artifacts
 
 if TYPE_CHECKING:
@@ -46,11 +46,6 @@ FORMS = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/adapter or a ru
          "evaluate also takes an adapter directory that exists)")
 REFUSE = ("phi3ops loads only versions it registered itself, because loading a model from the "
           "registry can run code that anyone with write access put there")
-
-
-def safe_uri(uri: str) -> str:
-    """A URI fit for a message: user and password, if any, left out."""
-    return re.sub(r"//[^/@]*@", "//", uri)
 
 
 def _hash_tree(directory: Path) -> dict[str, str]:
