@@ -48,6 +48,7 @@ def test_data_validate_reports_rules_and_exit_code(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "10 lines: 9 accepted, 1 rejected" in result.stdout
     assert "invalid_json: 1" in result.stdout
+    assert (result.stdout + result.stderr).count("ok.jsonl:10") == 1, "each rejection once"
     assert '"line": 10' in (tmp_path / "q.jsonl").read_text()
 
     (tmp_path / "bad.jsonl").write_text("\n".join([good] * 5 + ["{bad"] * 5) + "\n")
