@@ -21,7 +21,7 @@ from phi3ops.errors import RegistryError
 
 
 def load(tracking_uri: str, uri: str, mlflow_timeout_s: float):
-    """inference.ChatModel behind a model URI, from files the helper verified once the MLflow
+    """chat_runtime.ChatModel behind a model URI, from files the helper verified once the MLflow
     server answered (within `mlflow_timeout_s`)."""
     with tempfile.TemporaryDirectory(prefix="phi3ops-model-", ignore_cleanup_errors=True) as tmp:
         helper = subprocess.Popen(  # the URI may hold credentials: environment, not argv

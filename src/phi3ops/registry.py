@@ -372,7 +372,7 @@ def check_registered(mcfg: MlflowConfig, uri: str) -> ModelVersion:
 
 
 def load_registered(mcfg: MlflowConfig, uri: str):
-    """The chat model (inference.ChatModel) behind `models:/NAME@ALIAS`, `models:/NAME/N` or
+    """The chat model (chat_runtime.ChatModel) behind `models:/NAME@ALIAS`, `models:/NAME/N` or
     `runs:/ID/adapter`, loaded by phi3ops' own code from files checked against the hashes
     recorded at registration. Never mlflow.pyfunc.load_model: it runs whatever code a version
     names, and anyone who can write to the registry can add a version (trusted_load.py)."""

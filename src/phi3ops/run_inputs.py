@@ -19,6 +19,8 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
 
+from phi3ops.errors import safe_uri
+
 CONTEXT_TAG = "mlflow.data.context"  # what MLflow's UI shows as the dataset's use
 
 
@@ -72,10 +74,12 @@ class SplitDataset(MetaDataset):
 
 
 def repo_url(root: Path) -> str:
-    """Where others find the repository: its `origin` remote, else this path."""
+    """Where others find the repository: its `origin` remote (any credentials in it left out),
+    else this path."""
     found = subprocess.run(["git", "-C", str(root), "remote", "get-url", "origin"],
                            capture_output=True, text=True)
-    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else str(root)
+    url = found.stdout.strip() if found.returncode == 0 else ""
+    return safe_uri(url) if url else str(root)
 
 
 def splits(root: Path, data_path: str, md5: str, git_rev: str, n_train: int,

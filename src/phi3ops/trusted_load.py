@@ -7,8 +7,8 @@ and `mlflow.pyfunc.load_model` runs whatever code that version's MLmodel names (
 object, a code file). So phi3ops never calls it. It resolves the version, refuses one that
 phi3ops did not register (its tags, its MLmodel's flavor), downloads the files as data, checks
 each against the sha256 manifest recorded at registration, and loads safetensors weights, the
-tokenizer and the adapter with its own code (inference.ChatModel, which the MLflow pyfunc also
-uses, for those who deploy it).
+tokenizer and the adapter with its own code (chat_runtime.ChatModel, which the MLflow pyfunc
+also uses, for those who deploy it).
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def inspect_version(tracking_uri: str, uri: str) -> ModelVersion:
 
 def fetch_verified(tracking_uri: str, uri: str, dst: Path) -> tuple[ModelVersion, dict]:
     """Download the files behind a model URI into `dst` and check them: the version, and what
-    inference.ChatModel takes (adapter_dir, base_dir, config)."""
+    chat_runtime.ChatModel takes (adapter_dir, base_dir, config)."""
     with registry(tracking_uri, uri) as client:
         version = resolve(client, uri)
         flavor = check_own(client, version, dst)
