@@ -50,6 +50,6 @@ def test_register_is_idempotent_across_a_restart(adapter, tmp_path, monkeypatch)
         assert other.version != first.version
     finally:
         stop(server)
-    with pytest.raises(RegistryError, match=r"could not reach MLflow after 6 attempts: .*"
+    with pytest.raises(RegistryError, match=r"could not reach MLflow after 7 attempts: .*"
                                             r"Connection refused"):
         register()

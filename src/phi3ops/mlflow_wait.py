@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException, RestException
 from phi3ops.errors import RegistryError, safe_uri
 
 log = logging.getLogger(__name__)
-DEFAULT_TIMEOUT_S = 60.0  # covers an `mlflow server` restart (17-19 s on a 2-core machine)
+DEFAULT_TIMEOUT_S = 60.0  # covers an `mlflow server` restart (10-30 s on a 2-core machine)
 REQUEST_TIMEOUT_S = 5  # one probe; a server that is up answers in well under a second
 MAX_DELAY_S = 10.0
 

@@ -211,10 +211,10 @@ def close_dead_runs(mcfg: MlflowConfig, closer_run_id: str) -> list[str]:
     return closed
 
 
-def with_retries(what: str, call, attempts: int = 6, first_delay: float = 1.0):
+def with_retries(what: str, call, attempts: int = 7, first_delay: float = 1.0):
     """Run an idempotent MLflow operation, retrying with exponential backoff; then a clear error.
-    Six attempts wait 31 s in all: longer than an `mlflow server` takes to restart (17-19 s on
-    a 2-core machine)."""
+    Seven attempts wait 63 s in all: longer than an `mlflow server` takes to restart (10-14 s
+    on an idle 2-core machine, over 29 s once under a test suite's load)."""
     for attempt in range(attempts):
         try:
             return call()
