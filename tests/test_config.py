@@ -148,3 +148,21 @@ def test_fsdp_settings_shard_decoder_layers_and_need_gpus(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(Phi3opsError, match="fsdp is for GPUs"):
             check_runtime(cfg)
+
+
+def test_several_nodes_meet_at_one_endpoint_under_one_job_name(tmp_path):
+    from phi3ops.launch import command
+
+    tiny = REPO / "pipelines" / "tiny-cpu.yaml"
+    with pytest.raises(ConfigError, match=r"launch\.rdzv_endpoint: required"):
+        load_config(tiny, ["launch.nnodes=2"])
+    cfg = load_config(tiny, ["launch.nnodes=2", "launch.nproc=4",
+                             "launch.rdzv_endpoint=node0:29400"])
+    torchrun = command(tmp_path / "job.json", cfg)
+    assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
+            "--rdzv_endpoint=node0:29400"} <= set(torchrun) and "--standalone" not in torchrun
+    # Every node derives the same job name from the same config.
+    assert f"--rdzv_id={cfg.name}-{cfg.config_hash()}" in torchrun
+    assert cfg.launch.world_size == 8
+    one_node = command(tmp_path / "job.json", load_config(tiny, ["launch.nproc=2"]))
+    assert "--standalone" in one_node and not any(a.startswith("--rdzv") for a in one_node)

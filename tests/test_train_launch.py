@@ -1,9 +1,11 @@
-"""Training in child processes: resume after SIGKILL, tampered checkpoints, DDP, a timeout."""
+"""Training in child processes: resume after SIGKILL, tampered checkpoints, DDP on one node and
+across two, a timeout."""
 
 import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 from phi3ops.checkpoints import MARKER, CheckpointError, latest_complete
 from phi3ops.config import load_config
 from phi3ops.launch import TrainingTimeout, command, run_training, write_job
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
 RESUMABLE = ["training_config.max_steps=30", "training_config.save_steps=10",
@@ -37,7 +39,7 @@ def start_child(cfg, processed, out_dir, tiny_models) -> subprocess.Popen:
     """What run_training starts, started by hand so the test can kill it mid-run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     job = write_job(cfg, processed, out_dir, tiny_models)
-    return subprocess.Popen(command(job, 1), start_new_session=True,
+    return subprocess.Popen(command(job, cfg), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -95,22 +97,54 @@ def test_an_interrupted_save_is_skipped_and_a_tampered_checkpoint_refused(
         latest_complete(run_dir / "checkpoints")
 
 
-def test_two_ddp_processes_reach_the_loss_of_one_with_the_same_global_batch(
-        tmp_path, tiny_models, processed):
-    """Same global batch (16) split over 2 gloo ranks vs one rank. Dropout off (its RNG is per
-    rank). Tolerance: 1% of the loss, for float reductions in a different order."""
-    common = ["training_config.max_steps=6", "training_config.logging_steps=1",
+# Same global batch (16) on one process, split over ranks, or over nodes. Dropout off (its RNG
+# is per rank). Tolerance: 1% of the loss, for float reductions in a different order.
+SAME_STEPS = ["training_config.max_steps=6", "training_config.logging_steps=1",
               "training_config.learning_rate=3e-4", "peft_config.lora_dropout=0"]
-    one = run_training(config(*common, "training_config.per_device_train_batch_size=16"),
-                       processed, tmp_path / "one", tiny_models)
-    two = run_training(config(*common, "training_config.per_device_train_batch_size=8",
+
+
+def losses(result) -> list[float]:
+    return [h["loss"] for h in result.history]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_models, processed):
+    """The reference run: global batch 16 on a single process."""
+    return run_training(config(*SAME_STEPS, "training_config.per_device_train_batch_size=16"),
+                        processed, tmp_path_factory.mktemp("one"), tiny_models)
+
+
+def test_two_ddp_processes_reach_the_loss_of_one_with_the_same_global_batch(
+        one_process, tmp_path, tiny_models, processed):
+    two = run_training(config(*SAME_STEPS, "training_config.per_device_train_batch_size=8",
                               "launch.nproc=2"), processed, tmp_path / "two", tiny_models)
-    assert (one.world_size, two.world_size) == (1, 2)
-    losses_one = [h["loss"] for h in one.history]
-    losses_two = [h["loss"] for h in two.history]
-    assert len(losses_one) == len(losses_two) == 6
-    assert losses_two == pytest.approx(losses_one, rel=0.01)
-    assert [h["num_tokens"] for h in two.history] == [h["num_tokens"] for h in one.history]
+    assert (one_process.world_size, two.world_size) == (1, 2)
+    assert len(losses(one_process)) == len(losses(two)) == 6
+    assert losses(two) == pytest.approx(losses(one_process), rel=0.01)
+    assert [h["num_tokens"] for h in two.history] == [
+        h["num_tokens"] for h in one_process.history]
+
+
+@pytest.mark.scale
+def test_two_nodes_at_a_c10d_rendezvous_train_like_one_process_and_each_keeps_a_copy(
+        one_process, tmp_path, tiny_models, processed):
+    """Two torchrun nodes on 127.0.0.1, one process each, meeting at one endpoint, as two
+    machines would: the same losses as one process, and each node's own adapter and checkpoint
+    (no shared disk), identical on both."""
+    cfg = config(*SAME_STEPS, "training_config.per_device_train_batch_size=8", "launch.nnodes=2",
+                 f"launch.rdzv_endpoint=127.0.0.1:{free_port()}")
+    with ThreadPoolExecutor(max_workers=2) as nodes:
+        results = list(nodes.map(
+            lambda node: run_training(cfg, processed, tmp_path / f"node{node}", tiny_models),
+            range(2)))
+    assert [r.world_size for r in results] == [2, 2]
+    for result in results:
+        assert losses(result) == pytest.approx(losses(one_process), rel=0.01)
+    first, second = (adapter_weights(r) for r in results)
+    assert first.keys() == second.keys() and all(
+        torch.equal(first[k], second[k]) for k in first), "DDP keeps the replicas identical"
+    for node in range(2):
+        assert latest_complete(tmp_path / f"node{node}" / "checkpoints").name == "checkpoint-6"
 
 
 def test_a_hung_training_is_killed_after_its_timeout(tmp_path, tiny_models, processed):

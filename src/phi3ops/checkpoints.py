@@ -82,5 +82,5 @@ class MarkCompleteCallback(TrainerCallback):
     """Runs after the trainer has saved model, optimizer, scheduler, RNG and trainer state."""
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if args.should_save:  # the ranks that wrote it: rank 0, or each node's first
             mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")

@@ -134,7 +134,8 @@ def train(
     if force:
         for name in ("checkpoints", "adapter"):
             shutil.rmtree(out_dir / name, ignore_errors=True)
-    typer.echo(f"training {cfg.adapter.backend} adapter on {cfg.launch.nproc} process(es); "
+    nodes = f" x {cfg.launch.nnodes} nodes" if cfg.launch.nnodes > 1 else ""
+    typer.echo(f"training {cfg.adapter.backend} adapter on {cfg.launch.nproc} process(es){nodes}; "
                f"log: {out_dir / 'train.log'}")
     result = stages.fit(paths, cfg, prepared, out_dir)
     if result.already_finished:

@@ -143,15 +143,35 @@ class AdapterConfig(_Frozen):
 
 
 class LaunchConfig(_Frozen):
-    """How training runs: in a child process (killed after timeout_s), on one or more ranks."""
+    """How training runs: in a child process (killed after timeout_s), on one or more ranks,
+    on one machine or several (torchrun's c10d rendezvous: every node runs the same config)."""
 
-    nproc: int = Field(1, ge=1, description="processes; more than one trains with DDP/FSDP")
+    nproc: int = Field(1, ge=1, description="processes per node; over one: DDP/FSDP")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: gloo on CPU, nccl on GPU; fsdp: GPUs only, shards the base"
     )
     timeout_s: int = Field(
         3600, gt=0, description="a hung step is killed; the retry resumes from the last checkpoint"
     )
+    nnodes: int = Field(1, ge=1, description="machines; each runs `phi3ops train` (or `run`)")
+    rdzv_endpoint: str | None = Field(
+        None, pattern=r"^\S+:\d+$",
+        description="host:port every node reaches (on one of them): where the nodes meet",
+    )
+    rdzv_id: str | None = Field(
+        None, description="the job's name at the rendezvous; default: pipeline name + config hash"
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self) -> LaunchConfig:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("launch.rdzv_endpoint: required when launch.nnodes > 1 (host:port "
+                             "of one node that all nodes reach, e.g. node0:29400)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
 
 
 class EvaluationConfig(_Frozen):
@@ -225,7 +245,7 @@ class PipelineConfig(_Frozen):
             if self.model.name_or_path == TINY_MODEL:
                 problems.append("model.quantization: the tiny CPU model cannot be quantised")
         if self.launch.strategy == "fsdp":
-            if self.launch.nproc < 2:
+            if self.launch.world_size < 2:
                 problems.append("launch.strategy: fsdp shards over ranks; set launch.nproc >= 2")
             if loralib:
                 problems.append("launch.strategy: fsdp is supported with adapter.backend: peft")

@@ -1,6 +1,7 @@
 """Training in child processes: one rank, or several through torchrun; killed after a timeout.
 
     phi3ops train --pipeline pipelines/tiny-cpu.yaml --nproc 2     # DDP, gloo on CPU
+    phi3ops train ... launch.nnodes=2 launch.rdzv_endpoint=node0:29400   # on each of two nodes
 
 A hung step cannot be interrupted from inside Python, so training never runs in the caller's
 process: the child gets a JSON job file, writes a JSON result, and is killed with its whole
@@ -51,11 +52,18 @@ class TrainingCrashed(RuntimeError):
     """The training process died (killed, out of memory, a bug); its log tail says how."""
 
 
-def command(job_path: Path, nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "phi3ops.launch", str(job_path)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "phi3ops.launch", str(job_path)]
+def command(job_path: Path, cfg: PipelineConfig) -> list[str]:
+    """One process; torchrun on this machine alone; or torchrun as one of launch.nnodes nodes,
+    meeting the others at launch.rdzv_endpoint (c10d: node ranks are given out as they join)."""
+    launch, entry = cfg.launch, ["-m", "phi3ops.launch", str(job_path)]
+    if launch.world_size == 1:
+        return [sys.executable, *entry]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc}"]
+    if launch.nnodes == 1:
+        return [*torchrun, "--standalone", *entry]
+    return [*torchrun, f"--nnodes={launch.nnodes}", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={launch.rdzv_endpoint}",
+            f"--rdzv_id={launch.rdzv_id or f'{cfg.name}-{cfg.config_hash()}'}", *entry]
 
 
 def finished(cfg: PipelineConfig, out_dir: Path):
@@ -90,7 +98,7 @@ def run_training(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, cache_di
     with MetricsForwarder(out_dir / METRICS_FILE, run_id, tracking_uri), \
             progress.following(out_dir / PROGRESS_FILE, "train"), \
             (out_dir / LOG_FILE).open("ab") as log_file:
-        child = subprocess.Popen(command(job_path, cfg.launch.nproc),
+        child = subprocess.Popen(command(job_path, cfg),
                                  stdout=log_file, stderr=subprocess.STDOUT,
                                  start_new_session=True)  # its own group: kill ranks together
         try:
@@ -198,7 +206,8 @@ def die_with(pid: int, started: float | None) -> threading.Thread:
 
 
 def main(job_path: str) -> int:
-    """Entry point of each rank: run the job, write the result (rank 0) or the user error."""
+    """Entry point of each rank: run the job, write the result or the user error (the first
+    rank of each node)."""
     from phi3ops.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -206,7 +215,8 @@ def main(job_path: str) -> int:
     if launcher := job.get("launcher"):
         die_with(launcher["pid"], launcher["started"])
     out_dir = Path(job["out_dir"])
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # Every node keeps its own copy (adapter, result, checkpoints): no shared disk is needed.
+    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
     try:
         cfg = PipelineConfig.model_validate(job["config"])
         result = train(cfg, Path(job["dataset_dir"]), out_dir, Path(job["cache_dir"]),

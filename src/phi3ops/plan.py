@@ -205,7 +205,7 @@ def build_memory(cfg: PipelineConfig, model: PeftModel, dtype: torch.dtype, cuda
     weights = {name: p.numel() * (nf4 if id(p) in quantized else p.element_size())
                for name, p in base.named_parameters() if not p.requires_grad}  # LoRA's are not
     base_bytes = int(sum(weights.values()))
-    n, fsdp = cfg.launch.nproc, cfg.launch.strategy == "fsdp"
+    n, fsdp = cfg.launch.world_size, cfg.launch.strategy == "fsdp"
     if fsdp:  # on top of the shard: the unsharded root (embeddings, head), two gathered layers
         root = sum(size for name, size in weights.items() if ".layers." not in name)
         layer = sum(size for name, size in weights.items() if ".layers.0." in name)
@@ -272,12 +272,12 @@ def build_plan(cfg: PipelineConfig, paths: ProjectPaths, gpu: str, mfu: float = 
             source = str(e)
     # Packed rows are max_length long, and attention spans the whole row.
     flops = train_flops_per_token(model, train.max_length if train.packing else mean_length)
-    hours = (tokens * flops / (accelerator.peak_flops * mfu * cfg.launch.nproc) / 3600
+    hours = (tokens * flops / (accelerator.peak_flops * mfu * cfg.launch.world_size) / 3600
              if tokens is not None else None)
     return Plan(
         pipeline=cfg.name, model=cfg.model.name_or_path, dtype=str(dtype).removeprefix("torch."),
         quantized=cfg.model.quantization is not None, accelerator=accelerator,
-        n_gpus=cfg.launch.nproc, strategy=cfg.launch.strategy, lora_r=cfg.peft_config.r,
+        n_gpus=cfg.launch.world_size, strategy=cfg.launch.strategy, lora_r=cfg.peft_config.r,
         adapted_modules=sum(isinstance(m, LoraLayer) for m in model.modules()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=total_params, fits=memory.total <= accelerator.memory_gib * GIB,

@@ -101,6 +101,9 @@ def build_sft_config(cfg: TrainingConfig, dtype: torch.dtype, checkpoint_dir: Pa
         report_to="none",  # metrics go to MLflow through MetricsCallback, into the flow's run
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # Across machines each node checkpoints (and saves the adapter) to its own disk, so a
+        # node resumes from local files and any node can register the result.
+        save_on_each_node=launch.nnodes > 1,
     )
 
 
@@ -125,7 +128,7 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         numeric = {k: float(v) for k, v in (logs or {}).items()
                    if isinstance(v, int | float) and math.isfinite(v)}
-        if numeric and state.is_world_process_zero:
+        if numeric and state.is_local_process_zero:  # each node's launcher reads its own
             self.log_metrics(numeric, state.global_step)
 
 
@@ -141,7 +144,7 @@ class ProgressFileCallback(TrainerCallback):
                 self.fields[shown] = float(logs[key])
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_local_process_zero:
             write_state(self.path, state.global_step, state.max_steps, **self.fields)
 
 
