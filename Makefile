@@ -20,6 +20,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 PREFECT_PORT ?= 4200
 
 .PHONY: install lock phi3-tokenizer run test test-fast ui prefect-server stop schedule lint clean \
+	deploy worker \
 	gpu-wheels \
 	smoke-full-size
 
@@ -86,6 +87,19 @@ stop:  ## stop the Prefect server that `make prefect-server` or `make schedule` 
 schedule: prefect-server  ## local Prefect server (SQLite) + the retrain deployment on its cron
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python flows/schedule.py \
 		--pipeline $(PIPELINE)
+
+# The deployments of prefect.yaml on a Prefect server (PREFECT_API_URL, by default the one of
+# `make prefect-server`), run by the workers of the process pool phi3ops-process: `make worker`
+# on each machine that trains. The pool is created once; a deploy again updates the deployments.
+deploy: install  ## prefect.yaml's deployments on the Prefect server, into the pool phi3ops-process
+	export PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}; \
+	$(BIN)/prefect work-pool inspect phi3ops-process >/dev/null 2>&1 || \
+		$(BIN)/prefect work-pool create phi3ops-process --type process && \
+	$(BIN)/prefect --no-prompt deploy --all
+
+worker: install  ## a process worker: runs the flow runs of phi3ops-process on this machine
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
+		$(BIN)/prefect worker start --pool phi3ops-process
 
 lint: install
 	$(BIN)/ruff check src flows tests bench

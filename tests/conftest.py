@@ -22,7 +22,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["flows", "pipelines", "mlflow.yaml", ".gitignore"]
+PROJECT_FILES = ["flows", "pipelines", "mlflow.yaml", ".gitignore", "prefect.yaml"]
 # The test projects' own DVC settings: a local remote beside the project, whatever the user's
 # checkout points its remote at.
 DVC_CONFIG = """[core]

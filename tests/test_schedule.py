@@ -1,5 +1,6 @@
 """The scheduled deployment against a real `prefect server start` on 127.0.0.1."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
+# Far fewer steps and held-out answers than the pipeline's: these tests are about who runs the flow.
+QUICK = ["training_config.max_steps=5", "evaluation.max_samples=8"]
 
 
 def wait_for(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
@@ -52,9 +55,9 @@ def test_served_deployment_runs_when_triggered(project, mlflow_server, tmp_path)
         inspect = subprocess.run([*prefect, "deployment", "inspect", "retrain/tiny-cpu"],
                                  env=env, capture_output=True, text=True)
         assert "0 3 * * 1" in inspect.stdout, "the cron comes from the pipeline YAML"
-        run = subprocess.run([*prefect, "deployment", "run", "retrain/tiny-cpu", "--watch",
-                              "--watch-timeout", "600"], env=env, capture_output=True, text=True,
-                             timeout=700)
+        run = subprocess.run([*prefect, "deployment", "run", "retrain/tiny-cpu", "--param",
+                              f"overrides={json.dumps(QUICK)}", "--watch", "--watch-timeout",
+                              "600"], env=env, capture_output=True, text=True, timeout=700)
         assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "serve.log").read_text()
         assert "Completed" in run.stdout + run.stderr
     finally:
