@@ -130,14 +130,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow(home: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on SQLite with served artifacts, on 127.0.0.1:port, once healthy."""
+def start_mlflow(home: Path, port: int, backend: str | None = None, artifacts: str | None = None,
+                 env: dict[str, str] | None = None, workers: int = 1) -> subprocess.Popen:
+    """A real `mlflow server` with served artifacts on 127.0.0.1:port, once healthy: on SQLite
+    and a folder in `home` unless given a backend store and artifacts destination URI. The store
+    URI (a password in it) and `env` (store credentials) go to the server alone, through its
+    environment, never its command line: its clients need only its URL."""
     log = (home / "server.log").open("a")
+    store = {"MLFLOW_BACKEND_STORE_URI": backend or f"sqlite:///{home / 'mlflow.db'}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "mlflow", "server", "--serve-artifacts",
+         "--artifacts-destination", artifacts or str(home / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **store, **(env or {})},
     )
     deadline = time.monotonic() + 120
     while True:

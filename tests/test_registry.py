@@ -53,12 +53,12 @@ def mlflow_cfg(mlflow_server, monkeypatch, tmp_path):
 
 
 def register(cfg, **metrics: float) -> str:
+    experiment = connect(cfg)  # first: the client below talks to the server cfg names
     client = MlflowClient()
     try:
         client.create_registered_model(cfg.registered_model)
     except Exception:
         pass  # already there
-    experiment = connect(cfg)
     run_id = client.create_run(experiment).info.run_id
     model = client.create_logged_model(experiment, source_run_id=run_id)
     client.log_batch(run_id, metrics=[Metric(k, v, 0, 0, model_id=model.model_id)

@@ -2,41 +2,21 @@
 
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import boto3
 import pytest
 
 from phi3ops.config import DataConfig
 from phi3ops.data import checkout_version, open_repo, push_verified, recorded_md5, remote_missing
-from tests.conftest import free_port
+from tests.scale_servers import moto_s3
 
 BUCKET, PREFIX = "phi3ops-dvc", "store"
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    server = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with moto_s3(tmp_path_factory.mktemp("moto")) as url:
+        yield url
 
 
 @pytest.fixture
