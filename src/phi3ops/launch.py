@@ -216,7 +216,7 @@ def main(job_path: str) -> int:
         die_with(launcher["pid"], launcher["started"])
     out_dir = Path(job["out_dir"])
     # Every node keeps its own copy (adapter, result, checkpoints): no shared disk is needed.
-    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    node_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
     try:
         cfg = PipelineConfig.model_validate(job["config"])
         result = train(cfg, Path(job["dataset_dir"]), out_dir, Path(job["cache_dir"]),
@@ -224,10 +224,10 @@ def main(job_path: str) -> int:
                        progress_file=out_dir / PROGRESS_FILE)
     except TrainingSetupError as e:
         log.error("failed before the first step (%s)", e.kind, exc_info=e)  # kept in train.log
-        if rank0:
+        if node_first:
             write_json_atomic(out_dir / ERROR_FILE, {"kind": e.kind, "message": str(e)})
         return 2
-    if rank0:
+    if node_first:
         write_json_atomic(out_dir / RESULT_FILE, result.to_json())
     return 0
 
