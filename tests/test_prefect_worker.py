@@ -11,7 +11,7 @@ import yaml
 from mlflow import MlflowClient
 
 from phi3ops.config import load_config
-from tests.conftest import REPO, free_port, git, own_model
+from tests.conftest import REPO, free_port, git, own_model, stop
 from tests.test_schedule import QUICK, wait_for
 
 POOL = "phi3ops-process"
@@ -87,8 +87,7 @@ def test_worker_runs_the_deployment(project, mlflow_server, tmp_path):
     finally:
         for proc in (worker, server):
             if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=60)
+                stop(proc)
 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     [version] = client.search_model_versions(f"name='{MODEL}'")

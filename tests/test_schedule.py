@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop
 
 pytestmark = pytest.mark.slow
 # Far fewer steps and held-out answers than the pipeline's: these tests are about who runs the flow.
@@ -63,5 +63,4 @@ def test_served_deployment_runs_when_triggered(project, mlflow_server, tmp_path)
     finally:
         for proc in (served, server):
             if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=60)
+                stop(proc)
