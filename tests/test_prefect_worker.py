@@ -2,17 +2,15 @@
 up and run by a real `prefect worker start`: the way a team runs retrains on its own machines."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from phi3ops.config import load_config
-from tests.conftest import REPO, free_port, git, own_model, stop
-from tests.test_schedule import QUICK, wait_for
+from tests.conftest import REPO, git, own_model, stop
+from tests.test_schedule import PREFECT, prefect_server, run_now
 
 POOL = "phi3ops-process"
 MODEL = "phi3ops-worker"
@@ -37,26 +35,14 @@ def test_prefect_yaml_follows_the_pipeline_yaml(deployment):
 @pytest.mark.scale
 def test_worker_runs_the_deployment(project, mlflow_server, tmp_path):
     own_model(project, MODEL)
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "MLFLOW_TRACKING_URI": mlflow_server, "HF_HUB_OFFLINE": "1",
-           "PREFECT_WORKER_QUERY_SECONDS": "1",  # picked up within a second, not ten
-           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
 
     def prefect(*args: str, timeout: float = 300) -> str:
-        done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=project, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([*PREFECT, *args], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=timeout)
         assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}{done.stderr}"
         return done.stdout
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-         str(port)], env=env, stdout=(tmp_path / "server.log").open("w"),
-        stderr=subprocess.STDOUT)
-    worker = None
-    try:
-        wait_for(f"{api}/health", server)
+    with prefect_server(tmp_path, mlflow_server) as env:
         prefect("work-pool", "create", POOL, "--type", "process")
         prefect("--no-prompt", "deploy", "--all")  # what `make deploy` runs, from the root
 
@@ -74,20 +60,16 @@ def test_worker_runs_the_deployment(project, mlflow_server, tmp_path):
 
         # Started elsewhere: the pull step, not the worker's directory, finds the project.
         worker = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
-            cwd=tmp_path, env=env, stdout=(tmp_path / "worker.log").open("w"),
-            stderr=subprocess.STDOUT)
-        run = subprocess.run(
-            [sys.executable, "-m", "prefect", "deployment", "run", "retrain/tiny-cpu",
-             "--param", f"overrides={json.dumps(QUICK)}", "--watch", "--watch-timeout", "600"],
-            env=env, capture_output=True, text=True, timeout=700)
-        worker_log = (tmp_path / "worker.log").read_text()
-        assert run.returncode == 0, run.stdout + run.stderr + worker_log
-        assert "Completed" in run.stdout + run.stderr, run.stdout + worker_log
-    finally:
-        for proc in (worker, server):
-            if proc is not None:
-                stop(proc)
+            [*PREFECT, "worker", "start", "--pool", POOL], cwd=tmp_path,
+            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},  # picked up within a second
+            stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT)
+        try:
+            run = run_now(env)
+            worker_log = (tmp_path / "worker.log").read_text()
+            assert run.returncode == 0, run.stdout + run.stderr + worker_log
+            assert "Completed" in run.stdout + run.stderr, run.stdout + worker_log
+        finally:
+            stop(worker)
 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     [version] = client.search_model_versions(f"name='{MODEL}'")

@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ from tests.conftest import free_port, stop
 pytestmark = pytest.mark.slow
 # Far fewer steps and held-out answers than the pipeline's: these tests are about who runs the flow.
 QUICK = ["training_config.max_steps=5", "evaluation.max_samples=8"]
+PREFECT = [sys.executable, "-m", "prefect"]
 
 
 def wait_for(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
@@ -27,40 +31,53 @@ def wait_for(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
             time.sleep(1)
 
 
-def test_served_deployment_runs_when_triggered(project, mlflow_server, tmp_path):
+@contextmanager
+def prefect_server(tmp_path: Path, mlflow_server: str) -> Iterator[dict[str, str]]:
+    """A real `prefect server start` on a free port, its home in tmp_path; yields the
+    environment its clients (the CLI, a served flow, a worker) run with."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "MLFLOW_TRACKING_URI": mlflow_server, "HF_HUB_OFFLINE": "1",
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    prefect = [sys.executable, "-m", "prefect"]
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    served = None
+    server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=(tmp_path / "server.log").open("w"),
+                              stderr=subprocess.STDOUT)
     try:
         wait_for(f"{api}/health", server)
+        yield env
+    finally:
+        stop(server)
+
+
+def run_now(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`prefect deployment run retrain/tiny-cpu --watch` with QUICK's overrides."""
+    return subprocess.run([*PREFECT, "deployment", "run", "retrain/tiny-cpu", "--param",
+                           f"overrides={json.dumps(QUICK)}", "--watch", "--watch-timeout", "600"],
+                          env=env, capture_output=True, text=True, timeout=700)
+
+
+def test_served_deployment_runs_when_triggered(project, mlflow_server, tmp_path):
+    with prefect_server(tmp_path, mlflow_server) as env:
         served = subprocess.Popen([sys.executable, "flows/schedule.py", "--root", str(project)],
                                   cwd=project, env=env, stdout=(tmp_path / "serve.log").open("w"),
                                   stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            listed = subprocess.run([*prefect, "deployment", "ls"], env=env, capture_output=True,
-                                    text=True)
-            if "retrain/tiny-cpu" in listed.stdout:
-                break
-            assert served.poll() is None and time.monotonic() < deadline, (
-                (tmp_path / "serve.log").read_text())
-            time.sleep(2)
-        inspect = subprocess.run([*prefect, "deployment", "inspect", "retrain/tiny-cpu"],
-                                 env=env, capture_output=True, text=True)
-        assert "0 3 * * 1" in inspect.stdout, "the cron comes from the pipeline YAML"
-        run = subprocess.run([*prefect, "deployment", "run", "retrain/tiny-cpu", "--param",
-                              f"overrides={json.dumps(QUICK)}", "--watch", "--watch-timeout",
-                              "600"], env=env, capture_output=True, text=True, timeout=700)
-        assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "serve.log").read_text()
-        assert "Completed" in run.stdout + run.stderr
-    finally:
-        for proc in (served, server):
-            if proc is not None:
-                stop(proc)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                listed = subprocess.run([*PREFECT, "deployment", "ls"], env=env,
+                                        capture_output=True, text=True)
+                if "retrain/tiny-cpu" in listed.stdout:
+                    break
+                assert served.poll() is None and time.monotonic() < deadline, (
+                    (tmp_path / "serve.log").read_text())
+                time.sleep(2)
+            inspect = subprocess.run([*PREFECT, "deployment", "inspect", "retrain/tiny-cpu"],
+                                     env=env, capture_output=True, text=True)
+            assert "0 3 * * 1" in inspect.stdout, "the cron comes from the pipeline YAML"
+            run = run_now(env)
+            assert run.returncode == 0, (run.stdout + run.stderr
+                                         + (tmp_path / "serve.log").read_text())
+            assert "Completed" in run.stdout + run.stderr
+        finally:
+            stop(served)
