@@ -26,18 +26,25 @@ PREFECT_PORT ?= 4200
 
 # The environment comes from requirements.lock (every package pinned), so a retrain months from
 # now runs on the same packages; `make lock` writes it anew from a fresh install of pyproject's
-# ranges.
+# ranges. torch first and pinned: a range would pull a multi-GB CUDA build on a CPU machine.
+# Everything pinned: no resolving (--no-deps). Bytecode: pip would compile each package's files
+# one at a time, so it is told not to, and compileall then compiles all of site-packages on every
+# core. Compiled once here, because with PYTHONDONTWRITEBYTECODE=1 (CI, many Docker images)
+# Python writes no .pyc on import: every process would compile torch and transformers again,
+# about 8 s each (bench/startup.py). A few files written for a newer Python never import here.
+PY_NEWER_ONLY := py312|_312
 $(STAMP): pyproject.toml requirements.lock
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned: a range would pull a multi-GB CUDA build on a CPU machine.
-	# Everything pinned: no resolving (--no-deps); bytecode compiled on first import of what is
-	# used rather than for every file of every package (--no-compile: about 40 s less).
-	$(BIN)/python -m pip install -q --no-compile "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --no-compile --no-deps -r requirements.lock
-	$(BIN)/python -m pip install -q --no-deps -e '.[dev]'
-	$(BIN)/python -m pip check
-	rm -f $(VENV)/.installed-* && touch $@
+	@echo "installing into $(VENV) from requirements.lock (about a minute; compiling takes another)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q --no-compile "$(TORCH_SPEC)"
+	@$(BIN)/python -m pip install -q --no-compile --no-deps -r requirements.lock
+	@$(BIN)/python -m pip install -q --no-deps -e '.[dev]'
+	@$(BIN)/python -m pip check
+	@$(BIN)/python -m compileall -q -j 0 -x '$(PY_NEWER_ONLY)' \
+		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+	@rm -f $(VENV)/.installed-* && touch $@
+	@echo "installed: $$($(BIN)/python -m pip list --format=freeze | wc -l) packages"
 
 install: $(STAMP)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,24 @@ def test_help_lists_the_commands():
     for command in ("run", "chat", "promote", "data"):
         assert command in result.stdout
     assert "fine-tuned on your own data" in result.stdout, "the first line says what it does"
+
+
+def test_commands_that_run_no_model_never_import_torch(project, mlflow_server):
+    """Importing torch and transformers costs seconds in every process: only commands that run a
+    model pay it (bench/startup.py times them)."""
+    assert phi3ops("data", "pull", "--root", str(project)).returncode == 0
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    for args in (["--help"], ["data", "status"], ["models"]):
+        root = [] if args == ["--help"] else ["--root", str(project)]
+        traced = subprocess.run([sys.executable, "-X", "importtime", "-m", "phi3ops.cli", *args,
+                                 *root], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, **env})
+        assert traced.returncode == 0, traced.stderr[-2000:]
+        imported = re.findall(r"^import time:.*\|\s+([\w.]+)$", traced.stderr, re.MULTILINE)
+        assert "phi3ops.config" in imported, "the trace lists what was imported"
+        heavy = {name for name in imported if name.split(".")[0] in ("torch", "transformers")}
+        assert not heavy, (args, sorted(heavy)[:5])
+    assert "no registered versions yet" in traced.stdout, "before the first retrain"
 
 
 def test_data_validate_reports_rules_and_exit_code(tmp_path):

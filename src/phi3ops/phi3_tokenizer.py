@@ -5,7 +5,7 @@
 Phi-3-mini's 32,064-token SentencePiece tokenizer cannot come from the hub here, but the source
 distribution of llama-cpp-python on PyPI carries llama.cpp's `ggml-vocab-phi-3.gguf` (the
 vocabulary alone, no weights) and reference vectors: texts and the ids the original tokenizer
-gives them. The archive is fetched once (from the package index, or a file named by
+gives them. The archive is fetched once (by `pip download`, or a file named by
 PHI3OPS_LLAMA_CPP_SDIST), checked against a pinned sha256 before it is opened, and only those
 three files are read from it. transformers turns the GGUF vocabulary into a fast tokenizer, which
 is saved as an ordinary tokenizer directory with the hub's current Phi-3 chat template, loaded
@@ -14,15 +14,13 @@ back, and must reproduce every reference vector or the build stops.
 
 from __future__ import annotations
 
-import html.parser
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from phi3ops.config import PHI3_VOCAB_SIZE, file_sha256, sha256_json
@@ -30,6 +28,7 @@ from phi3ops.errors import ModelNotAvailableError
 from phi3ops.templates import PHI3_TEMPLATE
 
 log = logging.getLogger(__name__)
+REQUIREMENT = "llama-cpp-python==0.3.36"
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 MEMBERS = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
@@ -67,58 +66,40 @@ def ensure_phi3_tokenizer(cache_dir: Path) -> Path:
 
 
 def fetch_sdist() -> Path:
-    """The pinned archive: a given file, the download cache, or the package index."""
+    """The pinned archive: a given file, the download cache, or pip."""
     given = os.environ.get("PHI3OPS_LLAMA_CPP_SDIST")
     path = Path(given) if given else DOWNLOADS / SDIST
     if not path.is_file():
         if given:
             raise ModelNotAvailableError(f"PHI3OPS_LLAMA_CPP_SDIST={given}: no such file")
-        download(sdist_url(), path)
+        pip_download(path)
     digest = file_sha256(path)
     if digest != SDIST_SHA256:
         raise ModelNotAvailableError(
-            f"{path}: sha256 {digest} is not the pinned {SDIST_SHA256}; the file is corrupt or "
-            f"not {SDIST}. Delete it and build again (make phi3-tokenizer).")
+            f"{path}: sha256 {digest} is not the pinned {SDIST}'s {SDIST_SHA256}; the file is "
+            "corrupt or another one. Delete it and build again (make phi3-tokenizer).")
     return path
 
 
-class _Links(html.parser.HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.hrefs: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.hrefs += [value for name, value in attrs if tag == "a" and name == "href" and value]
-
-
-def sdist_url() -> str:
-    """Where the package index (PIP_INDEX_URL, or PyPI) keeps the archive (PEP 503 page)."""
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    page = f"{index}/llama-cpp-python/"
-    try:
-        with urllib.request.urlopen(page, timeout=60) as response:
-            parser = _Links()
-            parser.feed(response.read().decode())
-    except OSError as e:
-        raise ModelNotAvailableError(
-            f"cannot reach the package index at {page} ({e}) to fetch {SDIST}, which carries "
-            "Phi-3's vocabulary. Fix: download that file where you can (pip download --no-deps "
-            "--no-binary :all: llama-cpp-python==0.3.36) and set PHI3OPS_LLAMA_CPP_SDIST to its "
-            "path.") from None
-    for href in parser.hrefs:
-        url = urllib.parse.urljoin(page, href)
-        if urllib.parse.urlsplit(url).path.endswith("/" + SDIST):
-            return url.split("#", 1)[0]
-    raise ModelNotAvailableError(f"{page} does not list {SDIST}")
-
-
-def download(url: str, path: Path) -> None:
-    log.info("downloading %s", url)
+def pip_download(path: Path) -> None:
+    """The archive through pip, so the user's pip configuration applies: index, mirror, proxy,
+    certificates. pip also prepares the package's metadata, which takes a few seconds more than
+    fetching one file would, once per machine."""
+    log.info("fetching %s with pip download (once; kept in %s)", SDIST, path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    with urllib.request.urlopen(url, timeout=300) as response, partial.open("wb") as out:
-        shutil.copyfileobj(response, out)
-    os.replace(partial, path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+             ":all:", "--dest", tmp, REQUIREMENT], capture_output=True, text=True)
+        fetched = Path(tmp) / SDIST
+        if done.returncode != 0 or not fetched.is_file():
+            raise ModelNotAvailableError(
+                f"pip could not download {REQUIREMENT} ({SDIST}), which carries Phi-3's "
+                f"vocabulary: {(done.stderr or done.stdout).strip()[-600:]}. Fix: check pip's "
+                "index and proxy settings (pip config list), or download that file where you "
+                "can (pip download --no-deps --no-binary :all: "
+                f"{REQUIREMENT}) and set PHI3OPS_LLAMA_CPP_SDIST to its path.")
+        os.replace(fetched, path)
 
 
 def extract_vocab(sdist: Path, out_dir: Path) -> Path:

@@ -40,11 +40,13 @@ def list_versions(mcfg: MlflowConfig) -> list[dict]:
     """Each registered version, newest first, with what a user compares versions by."""
     connect(mcfg)
     client = MlflowClient()
+    found = client.search_model_versions(f"name='{mcfg.registered_model}'",
+                                         order_by=["version_number DESC"])
+    if not found:  # also: no registered model of that name yet
+        return []
     aliases: dict[str, list[str]] = {}
     for alias, number in client.get_registered_model(mcfg.registered_model).aliases.items():
         aliases.setdefault(str(number), []).append(f"@{alias}")
-    found = client.search_model_versions(f"name='{mcfg.registered_model}'",
-                                         order_by=["version_number DESC"])
     return [{
         "version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
         "decision": v.tags.get("promotion.decision", "undecided"),
