@@ -58,7 +58,8 @@ record_decision = task(promotion.record, name="record", **IN_TRANSACTION)
 def undo_register(txn: Transaction) -> None:
     """Rollback: `@challenger` back where it was. The version stays: a rerun finds it by key."""
     registry.with_retries("put @challenger back", lambda: promotion.undo_challenger(
-        txn.get("mlflow"), txn.get("aliases_before"), txn.get("version")))
+        txn.get("mlflow"), txn.get("aliases_before"), txn.get("version")),
+        txn.get("mlflow").retry)
 
 
 @promote.on_rollback
@@ -67,7 +68,7 @@ def undo_promote(txn: Transaction) -> None:
     reason = f"run {txn.get('run_id')} failed after promoting it; rolled back"
     registry.with_retries("put @champion back", lambda: promotion.undo_promotion(
         txn.get("mlflow"), txn.get("aliases_before"), txn.get("version"), reason,
-        by=f"run {txn.get('run_id')}"))
+        by=f"run {txn.get('run_id')}"), txn.get("mlflow").retry)
 
 
 def preprocess_cached(data_dir: Path, data_md5: str, cfg, tokenizer, out_root: Path):

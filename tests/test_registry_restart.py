@@ -50,6 +50,10 @@ def test_register_is_idempotent_across_a_restart(adapter, tmp_path, monkeypatch)
         assert other.version != first.version
     finally:
         stop(server)
+    # The server stays down: after mlflow.yaml's attempts, a clear error. The waits between them
+    # (63 s with the defaults, which the restart above needed) are shortened from mlflow.yaml.
+    assert (cfg.retry.attempts, cfg.retry.first_wait_s) == (7, 1.0)
+    cfg = cfg.model_copy(update={"retry": cfg.retry.model_copy(update={"first_wait_s": 0.05})})
     with pytest.raises(RegistryError, match=r"could not reach MLflow after 7 attempts: .*"
                                             r"Connection refused"):
         register()

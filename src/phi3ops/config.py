@@ -273,6 +273,15 @@ class PromotionPolicy(_Frozen):
     )
 
 
+class RetryPolicy(_Frozen):
+    """How long phi3ops keeps trying an MLflow server that does not answer: `attempts` tries,
+    the waits between them doubling from `first_wait_s` (7 and 1 s: 63 s of waiting in all,
+    longer than an `mlflow server` takes to restart under load)."""
+
+    attempts: int = Field(7, ge=1)
+    first_wait_s: float = Field(1.0, ge=0)
+
+
 class MlflowConfig(_Frozen):
     tracking_uri: str = "sqlite:///mlruns.db"
     artifact_location: str = "mlartifacts"
@@ -281,6 +290,7 @@ class MlflowConfig(_Frozen):
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
     promotion: PromotionPolicy = PromotionPolicy()
+    retry: RetryPolicy = RetryPolicy()
 
     def resolved(self, root: Path) -> MlflowConfig:
         """Make relative paths absolute against the project root; MLFLOW_TRACKING_URI wins."""

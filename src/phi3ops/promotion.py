@@ -279,7 +279,8 @@ def record(mcfg: MlflowConfig, run_id: str, decision: PromotionDecision) -> None
     tags = {"phi3ops.version": str(decision.version),
             "phi3ops.promotion": "promoted" if decision.promoted else "not promoted",
             "phi3ops.promotion_reason": decision.reason}
-    with_retries("tag the run with the decision", lambda: log_tags(run_id, tags))
+    with_retries("tag the run with the decision", lambda: log_tags(run_id, tags),
+                 mcfg.retry)
 
 
 def alias_snapshot(mcfg: MlflowConfig) -> dict[str, str | None]:

@@ -29,7 +29,7 @@ from mlflow.utils.requirements_utils import (  # not public: the check log_model
     warn_dependency_requirement_mismatches,  # run early here to warm its cache
 )
 
-from phi3ops.config import MlflowConfig, PipelineConfig, sha256_json
+from phi3ops.config import MlflowConfig, PipelineConfig, RetryPolicy, sha256_json
 from phi3ops.errors import RegistryError
 from phi3ops.locking import process_alive, process_started
 from phi3ops.serving import INPUT_EXAMPLE, MODEL_CODE, RUNTIME_CODE, model_artifacts
@@ -211,17 +211,20 @@ def close_dead_runs(mcfg: MlflowConfig, closer_run_id: str) -> list[str]:
     return closed
 
 
-def with_retries(what: str, call, attempts: int = 7, first_delay: float = 1.0):
-    """Run an idempotent MLflow operation, retrying with exponential backoff; then a clear error.
-    Seven attempts wait 63 s in all: longer than an `mlflow server` takes to restart (10-14 s
-    on an idle 2-core machine, over 29 s once under a test suite's load)."""
-    for attempt in range(attempts):
+DEFAULT_RETRY = RetryPolicy()  # mlflow.yaml's defaults, where no config is at hand
+
+
+def with_retries(what: str, call, policy: RetryPolicy = DEFAULT_RETRY):
+    """Run an idempotent MLflow operation, retrying with exponential backoff (mlflow.yaml's
+    `retry`); then a clear error."""
+    for attempt in range(policy.attempts):
         try:
             return call()
         except (MlflowException, OSError) as e:
-            if attempt == attempts - 1:
-                raise RegistryError(f"could not {what} after {attempts} attempts: {e}") from e
-            delay = first_delay * 2**attempt
+            if attempt == policy.attempts - 1:
+                raise RegistryError(f"could not {what} after {policy.attempts} attempts: {e}") \
+                    from e
+            delay = policy.first_wait_s * 2**attempt
             log.warning("%s failed (%s); retrying in %.0f s", what, type(e).__name__, delay)
             time.sleep(delay)
 
@@ -282,7 +285,7 @@ def register_adapter(
     (data, config, code) gives the existing version, also when a retry follows a failure.
     A merged model (`artifact_type="merged"`, base_dir = merged weights, no adapter) goes to
     `<name>-merged`, without aliases: promotion is decided on the adapter."""
-    with_retries("reach MLflow", lambda: connect(mcfg))
+    with_retries("reach MLflow", lambda: connect(mcfg), mcfg.retry)
     name = mcfg.registered_model
     if artifact_type != "adapter":
         name = f"{name}-merged"
@@ -321,17 +324,18 @@ def register_adapter(
             tags["phi3ops.evaluated_against"] = evaluated_against
         return mlflow.register_model(info.model_uri, name, tags=tags)
 
-    with_retries(f"register {name}", register_once)
-    version = with_retries("check the key is unique", lambda: find_version(mcfg, name, key))
+    with_retries(f"register {name}", register_once, mcfg.retry)
+    version = with_retries("check the key is unique",
+                           lambda: find_version(mcfg, name, key), mcfg.retry)
     client = MlflowClient()
     with_retries("describe the version", lambda: client.update_model_version(
-        name, version.version, description=card))
+        name, version.version, description=card), mcfg.retry)
     if about:
         with_retries("describe the model", lambda: client.update_registered_model(
-            name, description=about))
+            name, description=about), mcfg.retry)
     if artifact_type == "adapter" and not existed:  # never back to an older version
         with_retries("set @challenger", lambda: client.set_registered_model_alias(
-            name, mcfg.challenger_alias, version.version))
+            name, mcfg.challenger_alias, version.version), mcfg.retry)
     return version
 
 
