@@ -29,6 +29,10 @@ def test_the_summary_is_short_and_says_where_to_look():
     ]
     served = brief(RESULT, MlflowConfig(tracking_uri="http://mlflow.internal:5000"), "7")
     assert "MLflow run: http://mlflow.internal:5000/#/experiments/7/runs/abc123\n" in served + "\n"
+    behind_auth = brief(RESULT, MlflowConfig(
+        tracking_uri="https://ops:s3cret@mlflow.internal:5000"), "7")
+    assert "MLflow run: https://mlflow.internal:5000/#/experiments/7/runs/abc123" in behind_auth
+    assert "s3cret" not in behind_auth and "ops:" not in behind_auth
     skipped = brief({"run_id": "r", "skipped": True, "reason": "nothing changed since v1"},
                     MlflowConfig(), "7")
     assert skipped.splitlines()[0] == "phi3ops-chat: nothing changed since v1"

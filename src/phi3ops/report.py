@@ -9,6 +9,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from phi3ops import promotion, registry
 from phi3ops.config import MlflowConfig
+from phi3ops.errors import safe_uri
 
 
 def nothing_changed(run_id: str, name: str, same: ModelVersion,
@@ -84,7 +85,9 @@ def summary(name: str, mcfg: MlflowConfig, run_id: str, version: ModelVersion,
 def brief(result: dict, mcfg: MlflowConfig, experiment_id: str) -> str:
     """What `phi3ops run` prints at the end: the decision, the key metric with its interval,
     and where to look; `--json` prints the whole result instead."""
-    ui = mcfg.tracking_uri if mcfg.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    # The URI may carry user:password (a team's server behind basic auth): never on screen.
+    ui = (safe_uri(mcfg.tracking_uri) if mcfg.tracking_uri.startswith("http")
+          else "http://127.0.0.1:5000")
     where = f"{ui}/#/experiments/{experiment_id}/runs/{result['run_id']}"
     if not mcfg.tracking_uri.startswith("http"):
         where += " (after `make ui`)"
