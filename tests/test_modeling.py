@@ -1,9 +1,12 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3ForCausalLM
 
-from phi3ops.config import ModelConfig
+from phi3ops.config import ModelConfig, file_sha256
 from phi3ops.modeling import (
     SPECIAL_TOKENS,
     ModelNotAvailableError,
@@ -11,6 +14,7 @@ from phi3ops.modeling import (
     resolve_model_path,
     tiny_model_dir,
 )
+from tests.conftest import REPO
 
 
 def test_tiny_model_loads_like_a_hub_model(tiny_config, tiny_models):
@@ -70,3 +74,30 @@ def test_local_directory_without_config_is_refused(tmp_path):
     (tmp_path / "weights").mkdir()
     with pytest.raises(ModelNotAvailableError, match="no config.json"):
         resolve_model_path(ModelConfig(name_or_path=str(tmp_path / "weights")), tmp_path)
+
+
+SAVE_TOKENIZER = """
+import sys
+from pathlib import Path
+from phi3ops.config import load_config
+from phi3ops.modeling import load_tokenizer
+cfg = load_config(Path(sys.argv[1]))
+load_tokenizer(cfg.model, Path(sys.argv[2])).save_pretrained(sys.argv[3])
+"""
+
+
+def test_a_saved_tokenizer_has_the_same_bytes_whatever_the_shell(tiny_models, tmp_path):
+    """What is registered beside an adapter must not record how the process reached the hub:
+    HF_HUB_OFFLINE on or off, another HF_HOME, another working directory."""
+    pipeline = str(REPO / "pipelines" / "tiny-cpu.yaml")
+    saved = {}
+    for offline in ("1", "0"):
+        out, cwd = tmp_path / f"offline-{offline}", tmp_path / f"cwd-{offline}"
+        cwd.mkdir()
+        env = {**os.environ, "HF_HUB_OFFLINE": offline, "HF_HOME": str(tmp_path / offline)}
+        subprocess.run([sys.executable, "-c", SAVE_TOKENIZER, pipeline, str(tiny_models), str(out)],
+                       env=env, cwd=cwd, check=True, timeout=300)
+        saved[offline] = {p.name: file_sha256(p) for p in sorted(out.iterdir())}
+    assert "tokenizer_config.json" in saved["1"]
+    assert saved["1"] == saved["0"]
+    assert "local_files_only" not in (tmp_path / "offline-1" / "tokenizer_config.json").read_text()

@@ -197,6 +197,9 @@ def _wrap_load_error(model: ModelConfig, err: Exception) -> ModelNotAvailableErr
     )
 
 
+CALLER_KWARGS = ("local_files_only", "cache_dir", "token", "force_download", "proxies")
+
+
 def load_tokenizer(model: ModelConfig, cache_dir: Path) -> PreTrainedTokenizerFast:
     path = resolve_model_path(model, cache_dir)
     try:
@@ -205,6 +208,11 @@ def load_tokenizer(model: ModelConfig, cache_dir: Path) -> PreTrainedTokenizerFa
         )
     except OSError as e:
         raise _wrap_load_error(model, e) from e
+    # How this process reached the files (HF_HUB_OFFLINE sets local_files_only) is not part of
+    # the tokenizer: left in, save_pretrained would write it, and a registered adapter's bytes
+    # would depend on the shell that trained it.
+    for key in CALLER_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if model.chat_template is not None:  # the config's template replaces the tokenizer's
