@@ -34,7 +34,7 @@ PREFECT_PORT ?= 4200
 # about 8 s each (bench/startup.py). A few files written for a newer Python never import here.
 PY_NEWER_ONLY := py312|_312
 $(STAMP): pyproject.toml requirements.lock
-	@echo "installing into $(VENV) from requirements.lock (about a minute; compiling takes another)"
+	@echo "installing into $(VENV) from requirements.lock (about 90 s, bytecode compiling included)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -m pip install -q --no-compile "$(TORCH_SPEC)"

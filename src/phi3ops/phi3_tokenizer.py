@@ -83,8 +83,8 @@ def fetch_sdist() -> Path:
 
 def pip_download(path: Path) -> None:
     """The archive through pip, so the user's pip configuration applies: index, mirror, proxy,
-    certificates. pip also prepares the package's metadata, which takes a few seconds more than
-    fetching one file would, once per machine."""
+    certificates. pip also prepares the package's metadata, so this takes about half a minute,
+    once per machine."""
     log.info("fetching %s with pip download (once; kept in %s)", SDIST, path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
