@@ -101,3 +101,15 @@ def test_a_saved_tokenizer_has_the_same_bytes_whatever_the_shell(tiny_models, tm
     assert "tokenizer_config.json" in saved["1"]
     assert saved["1"] == saved["0"]
     assert "local_files_only" not in (tmp_path / "offline-1" / "tokenizer_config.json").read_text()
+
+
+def test_the_phi3_tokenizer_and_a_base_built_on_it_record_no_hub_settings(phi3_tokenizer_dir,
+                                                                          tiny_config, tmp_path):
+    """The same for what is built once and then registered beside every adapter: the Phi-3
+    tokenizer's cache and a local base's tokenizer (HF_HUB_OFFLINE=1 in every test)."""
+    assert "local_files_only" not in (phi3_tokenizer_dir / "tokenizer_config.json").read_text()
+    (tmp_path / phi3_tokenizer_dir.name).symlink_to(phi3_tokenizer_dir)
+    tiny = tiny_config.model.tiny.model_copy(update={
+        "tokenizer": "phi3", "vocab_size": 32064, "pretrain_steps": 0})
+    base = ensure_tiny_model(tiny, tmp_path)
+    assert "local_files_only" not in (base / "tokenizer_config.json").read_text()

@@ -144,7 +144,8 @@ def ensure_tiny_model(tiny: TinyModelConfig, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
     if tiny.tokenizer == "phi3":
-        tokenizer = AutoTokenizer.from_pretrained(str(ensure_phi3_tokenizer(cache_dir)))
+        tokenizer = forget_how_loaded(
+            AutoTokenizer.from_pretrained(str(ensure_phi3_tokenizer(cache_dir))))
     else:
         tokenizer = build_tiny_tokenizer(tiny.vocab_size)
     model = build_tiny_model(tiny, tokenizer)
@@ -200,6 +201,15 @@ def _wrap_load_error(model: ModelConfig, err: Exception) -> ModelNotAvailableErr
 CALLER_KWARGS = ("local_files_only", "cache_dir", "token", "force_download", "proxies")
 
 
+def forget_how_loaded(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Drop how this process reached the files (HF_HUB_OFFLINE sets local_files_only): not part
+    of the tokenizer, yet save_pretrained writes it, and then the bytes of a registered adapter
+    or base would depend on the shell that made them."""
+    for key in CALLER_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer
+
+
 def load_tokenizer(model: ModelConfig, cache_dir: Path) -> PreTrainedTokenizerFast:
     path = resolve_model_path(model, cache_dir)
     try:
@@ -208,11 +218,7 @@ def load_tokenizer(model: ModelConfig, cache_dir: Path) -> PreTrainedTokenizerFa
         )
     except OSError as e:
         raise _wrap_load_error(model, e) from e
-    # How this process reached the files (HF_HUB_OFFLINE sets local_files_only) is not part of
-    # the tokenizer: left in, save_pretrained would write it, and a registered adapter's bytes
-    # would depend on the shell that trained it.
-    for key in CALLER_KWARGS:
-        tokenizer.init_kwargs.pop(key, None)
+    forget_how_loaded(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if model.chat_template is not None:  # the config's template replaces the tokenizer's

@@ -37,7 +37,7 @@ VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 # Ids of Phi-3-mini's special tokens: the built tokenizer must have exactly these.
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|endoftext|>": 32000, "<|assistant|>": 32001,
                "<|system|>": 32006, "<|end|>": 32007, "<|user|>": 32010}
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the saved config no longer records HF_HUB_OFFLINE
 DOWNLOADS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi3ops"
 
 
@@ -148,10 +148,13 @@ def build(sdist: Path, out_dir: Path) -> None:
     """GGUF vocabulary -> tokenizer directory with Phi-3's template, verified after reloading."""
     from transformers import AutoTokenizer
 
+    from phi3ops.modeling import forget_how_loaded  # not at the top: modeling imports this module
+
     with tempfile.TemporaryDirectory() as tmp:
         gguf = extract_vocab(sdist, Path(tmp))
         vectors = reference_vectors(gguf)
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=GGUF)
+    forget_how_loaded(tokenizer)
     tokenizer.chat_template = PHI3_TEMPLATE
     tokenizer.model_max_length = 4096
     tokenizer.pad_token = "<|endoftext|>"  # as on the hub: pad is eos, never a turn's end
