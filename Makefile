@@ -68,11 +68,17 @@ phi3-tokenizer: install  ## build (once) and verify Phi-3's real tokenizer
 run: install phi3-tokenizer  ## the whole retrain flow on $(PIPELINE)
 	$(BIN)/phi3ops run --pipeline $(PIPELINE)
 
+# Two workers, one file each at a time (pytest-xdist): on 2 cores the suite takes about 30% less
+# time than one process, since much of it waits on servers and subprocesses. Each worker's torch
+# gets its share of the cores (tests/conftest.py). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: install  ## every test, slow end-to-end ones included (what CI runs)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: install  ## unit tests only
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 ui: install  ## MLflow UI over the local tracking store on http://127.0.0.1:5000
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns.db \

@@ -20,6 +20,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+# `make test` runs two pytest workers (pytest-xdist): each, and every process it starts, gets its
+# share of the cores. Two torch processes each spinning as many threads as there are cores run
+# several times slower than one after the other.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["flows", "pipelines", "mlflow.yaml", ".gitignore", "prefect.yaml"]
@@ -32,6 +37,12 @@ DVC_CONFIG = """[core]
     url = ../.dvc-remote
     verify = true
 """
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: the workers then end together, instead of one running the longest
+    test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def git(root: Path, *args: str) -> str:
@@ -137,7 +148,9 @@ def start_mlflow(home: Path, port: int, backend: str | None = None, artifacts: s
     URI (a password in it) and `env` (store credentials) go to the server alone, through its
     environment, never its command line: its clients need only its URL."""
     log = (home / "server.log").open("a")
-    store = {"MLFLOW_BACKEND_STORE_URI": backend or f"sqlite:///{home / 'mlflow.db'}"}
+    store = {"MLFLOW_BACKEND_STORE_URI": backend or f"sqlite:///{home / 'mlflow.db'}",
+             # No job runners (five more processes importing MLflow): phi3ops submits no jobs.
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--serve-artifacts",
          "--artifacts-destination", artifacts or str(home / "artifacts"),

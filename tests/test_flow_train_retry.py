@@ -21,7 +21,7 @@ def test_a_timed_out_training_is_retried_from_its_last_checkpoint(
     module = retrain_flow
     cfg = load_config(REPO / "pipelines" / "tiny-cpu.yaml", [
         "training_config.max_steps=1000000", "training_config.save_steps=2",
-        "launch.timeout_s=25"])  # never finishes: each attempt is killed after a checkpoint
+        "launch.timeout_s=15"])  # never finishes: each attempt is killed after a checkpoint
 
     @flow
     def only_train():
