@@ -11,8 +11,6 @@ from phi3ops.modeling import (
     SPECIAL_TOKENS,
     ModelNotAvailableError,
     ensure_tiny_model,
-    packed_batch,
-    pretraining_texts,
     resolve_model_path,
     tiny_model_dir,
 )
@@ -50,26 +48,6 @@ def test_tiny_model_is_built_once(tiny_config, tiny_models):
     before = (path / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_model(tiny_config.model.tiny, tiny_models) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == before
-
-
-def test_a_packed_pretraining_batch_computes_what_a_padded_one_does(tiny_config, tiny_models):
-    """Pretraining packs its texts into one row: each must see only itself, and the loss must
-    be the padded batch's (no text predicts the next one's first token)."""
-    import torch
-    from torch.nn.utils.rnn import pad_sequence
-
-    path = tiny_model_dir(tiny_config.model.tiny, tiny_models)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    texts = pretraining_texts(AutoTokenizer.from_pretrained(path))[:8]
-    ids = pad_sequence([torch.tensor(t) for t in texts], batch_first=True)
-    mask = pad_sequence([torch.ones(len(t), dtype=torch.long) for t in texts], batch_first=True)
-    with torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-        packed = model(**packed_batch(texts))
-        alone = model(input_ids=torch.tensor([texts[1]])).logits[0]
-    assert packed.loss.item() == pytest.approx(padded.loss.item(), abs=1e-5)
-    second = packed.logits[0, len(texts[0]):len(texts[0]) + len(texts[1])]
-    assert torch.allclose(second, alone, atol=1e-4)
 
 
 def test_generation_stops_at_end_token(tiny_config, tiny_models):

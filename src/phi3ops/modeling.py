@@ -97,38 +97,28 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) 
     return model
 
 
-def pretraining_texts(tokenizer: PreTrainedTokenizerFast) -> list[list[int]]:
-    """The demo's facts as prose (no chat markup), tokenized: each text as the tokenizer encodes
-    it (Phi-3's puts <s> in front), then <|endoftext|>."""
+def pretraining_stream(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
+    """The demo's facts as prose (no chat markup), one token stream: each text as the tokenizer
+    encodes it (Phi-3's puts <s> in front), then <|endoftext|>."""
     # One line per turn: a SentencePiece tokenizer (Phi-3's) spells a word at the start of a
     # line without the space marker it has mid-sentence, and replies start on a new line.
     texts = ["\n".join(m["content"] for m in row["messages"]) + tokenizer.eos_token
              for row in generate_conversations(4 * DEMO_SIZE, DEMO_SEED + 1)]
-    return tokenizer(texts)["input_ids"]
-
-
-def packed_batch(texts: list[list[int]]) -> dict[str, torch.Tensor]:
-    """The texts one after another in a single row, each with positions from 0: transformers
-    then lets each attend to itself only, so the batch computes what a padded one does without
-    the padding (a third of a padded batch of these short texts). No text predicts the next
-    one's first token."""
-    input_ids = torch.tensor([[token for ids in texts for token in ids]])
-    position_ids = torch.tensor([[p for ids in texts for p in range(len(ids))]])
-    labels = input_ids.masked_fill(position_ids == 0, -100)
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
-            "use_cache": False}  # with a cache, transformers ignores where the texts start
+    return torch.tensor([token for ids in tokenizer(texts)["input_ids"] for token in ids])
 
 
 def pretrain_tiny_model(
     model: Phi3ForCausalLM, tokenizer: PreTrainedTokenizerFast, tiny: TinyModelConfig,
-    batch_size: int = 32,
+    rows: int = 8, block: int = 128,
 ) -> None:
-    """Full-parameter causal-LM training on plain text (no chat markup), nanoGPT style.
+    """Full-parameter causal-LM training on plain text, nanoGPT style: each step a batch of
+    random blocks cut from one token stream, so no step spends compute on padding (a third of
+    a padded batch of these short texts).
 
     This makes the tiny base behave like a real pretrained model: it knows the facts as prose
     but not Phi-3's chat format, which is what LoRA fine-tuning then teaches it.
     """
-    texts = pretraining_texts(tokenizer)
+    stream = pretraining_stream(tokenizer)
     generator = torch.Generator().manual_seed(tiny.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_learning_rate,
                                   weight_decay=0.0)
@@ -139,8 +129,9 @@ def pretrain_tiny_model(
     model.train()
     bar = Progress("build tiny base", tiny.pretrain_steps)
     for step in range(1, tiny.pretrain_steps + 1):
-        picks = torch.randint(len(texts), (batch_size,), generator=generator).tolist()
-        loss = model(**packed_batch([texts[i] for i in picks])).loss
+        starts = torch.randint(len(stream) - block, (rows,), generator=generator).tolist()
+        batch = torch.stack([stream[start:start + block] for start in starts])
+        loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
