@@ -63,7 +63,7 @@ lock:  ## requirements.lock from a fresh venv with pyproject's ranges (dev extra
 # checked against its reference vectors); built once into .cache/models, the archive kept in
 # ~/.cache/phi3ops. Offline: set PHI3OPS_LLAMA_CPP_SDIST to a downloaded copy.
 phi3-tokenizer: install  ## build (once) and verify Phi-3's real tokenizer
-	$(BIN)/python -m phi3ops.phi3_tokenizer .cache/models
+	$(BIN)/python -m phi3ops.model.phi3_tokenizer .cache/models
 
 run: install phi3-tokenizer  ## the whole retrain flow on $(PIPELINE)
 	$(BIN)/phi3ops run --pipeline $(PIPELINE)

@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 from phi3ops.config import load_config  # noqa: E402
-from phi3ops.demo_data import generate_conversations  # noqa: E402
-from phi3ops.modeling import load_tokenizer  # noqa: E402
-from phi3ops.preprocess import preprocess  # noqa: E402
-from phi3ops.validation import validate_files  # noqa: E402
+from phi3ops.data.demo import generate_conversations  # noqa: E402
+from phi3ops.data.preprocess import preprocess  # noqa: E402
+from phi3ops.data.validation import validate_files  # noqa: E402
+from phi3ops.model.base_model import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from phi3ops.config import load_config  # noqa: E402
-from phi3ops.demo_data import generate_conversations  # noqa: E402
-from phi3ops.inference import generate_replies, split_prompts  # noqa: E402
-from phi3ops.modeling import load_model, load_tokenizer  # noqa: E402
+from phi3ops.data.demo import generate_conversations  # noqa: E402
+from phi3ops.model.base_model import load_model, load_tokenizer  # noqa: E402
+from phi3ops.model.inference import generate_replies, split_prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,14 +33,14 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from phi3ops.config import ProjectPaths, load_config  # noqa: E402
-from phi3ops.demo_data import write_demo_dataset  # noqa: E402
-from phi3ops.inference import merge_adapter  # noqa: E402
-from phi3ops.launch import run_training  # noqa: E402
-from phi3ops.modeling import load_tokenizer  # noqa: E402
-from phi3ops.phi3_mini import build_phi3_mini  # noqa: E402
-from phi3ops.phi3_tokenizer import ensure_phi3_tokenizer  # noqa: E402
-from phi3ops.preprocess import preprocess  # noqa: E402
-from phi3ops.throughput import matmul_flops_per_s  # noqa: E402
+from phi3ops.data.demo import write_demo_dataset  # noqa: E402
+from phi3ops.data.preprocess import preprocess  # noqa: E402
+from phi3ops.model.base_model import load_tokenizer  # noqa: E402
+from phi3ops.model.inference import merge_adapter  # noqa: E402
+from phi3ops.model.phi3_mini import build_phi3_mini  # noqa: E402
+from phi3ops.model.phi3_tokenizer import ensure_phi3_tokenizer  # noqa: E402
+from phi3ops.train.launch import run_training  # noqa: E402
+from phi3ops.train.throughput import matmul_flops_per_s  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTH = 128

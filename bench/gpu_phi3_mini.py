@@ -7,10 +7,11 @@ On the lent H200, in the repo's root, with `.whl` and the tokenizer's directory 
     PYTHONUNBUFFERED=1 python3 bench/gpu_phi3_mini.py --tokenizer .cache/models/phi3-tokenizer-*
 
 There is no package index there, so both are made here first: `make gpu-wheels` fills .whl/
-(what the image lacks, about 5 MB) and `PYTHONPATH=src .venv/bin/python -m phi3ops.phi3_tokenizer`
-builds the tokenizer and prints its directory. About 4 minutes there (--side-timeout bounds each
-side); the JSON lands in $OUT/gpu_phi3_mini.json. Here, the same code path on a tiny
-architecture on CPU (about two minutes; its numbers check the path, they measure nothing):
+(what the image lacks, about 5 MB) and
+`PYTHONPATH=src .venv/bin/python -m phi3ops.model.phi3_tokenizer` builds the tokenizer and
+prints its directory. About 4 minutes there (--side-timeout bounds each side); the JSON lands
+in $OUT/gpu_phi3_mini.json. Here, the same code path on a tiny architecture on CPU (about two
+minutes; its numbers check the path, they measure nothing):
 
     PYTHONPATH=src .venv/bin/python bench/gpu_phi3_mini.py --smoke [--tokenizer DIR]
 
@@ -27,7 +28,7 @@ steps per side; bench/sides.py defines the sides, each run in its own process:
   Phi3opsSFTTrainer.
 
 Per side: real tokens/s (TRL's num_tokens: no pad) over the steps after warm-up, model FLOPs per
-token (phi3ops.throughput.train_flops_per_token), MFU against the best bf16 matmul measured in
+token (phi3ops.train.throughput.train_flops_per_token), MFU against the best bf16 matmul measured in
 these runs (before and after each side), and peak allocated GPU memory. Once: one merge of the
 phi3ops adapter (merge_and_unload) and a 16-prompt greedy batched generation (left padding, KV
 cache). Results go to --out as JSON, and a markdown table for the README ends the output.
@@ -57,11 +58,11 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from phi3ops import adapters  # noqa: E402
 from phi3ops.config import load_config  # noqa: E402
-from phi3ops.modeling import build_tiny_tokenizer  # noqa: E402
-from phi3ops.phi3_mini import build_phi3_mini  # noqa: E402
-from phi3ops.throughput import train_flops_per_token  # noqa: E402
+from phi3ops.model import adapters  # noqa: E402
+from phi3ops.model.base_model import build_tiny_tokenizer  # noqa: E402
+from phi3ops.model.phi3_mini import build_phi3_mini  # noqa: E402
+from phi3ops.train.throughput import train_flops_per_token  # noqa: E402
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "phi3-mini-lora.yaml"
 SMOKE_ARCH = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

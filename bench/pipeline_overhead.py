@@ -46,8 +46,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noq
 import flows.retrain as retrain_flow  # noqa: E402
 from phi3ops import pipeline  # noqa: E402
 from phi3ops.config import ProjectPaths, load_config, load_mlflow_config  # noqa: E402
-from phi3ops.modeling import ensure_tiny_model  # noqa: E402
-from phi3ops.registry import connect  # noqa: E402
+from phi3ops.model.base_model import ensure_tiny_model  # noqa: E402
+from phi3ops.registry.store import connect  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["flows", "pipelines", "mlflow.yaml", "data.dvc", ".dvc/config", ".dvcignore",

@@ -11,7 +11,7 @@ full-size Phi-3-mini on an H200: one definition keeps the two comparisons the sa
 - trl-best: plain SFTTrainer at its best settings: best-fit-decreasing packing, padding-free
   batches, no gradient checkpointing, loss on the assistant's tokens only.
 - phi3ops: phi3ops' own path: `build_sft_config` and `Phi3opsSFTTrainer`, the adapter attached by
-  `phi3ops.adapters`, packed and padding-free without gradient checkpointing.
+  `phi3ops.model.adapters`, packed and padding-free without gradient checkpointing.
 
 The packed sides take as many rows of `max_length` tokens per step as the cookbook's batch holds
 real tokens on average, so every side learns from about the same tokens per optimizer step.
@@ -29,11 +29,11 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from phi3ops import adapters
 from phi3ops.config import PeftLoraConfig, TrainingConfig
-from phi3ops.templates import plan_training_template
-from phi3ops.throughput import matmul_flops_per_s
-from phi3ops.train import Phi3opsSFTTrainer, build_sft_config, scored_fraction
+from phi3ops.model import adapters
+from phi3ops.model.templates import plan_training_template
+from phi3ops.train.throughput import matmul_flops_per_s
+from phi3ops.train.trainer import Phi3opsSFTTrainer, build_sft_config, scored_fraction
 
 SIDES = ("cookbook", "trl-best", "phi3ops")
 COOKBOOK_BATCH = 8
@@ -58,8 +58,9 @@ def conversations(n: int, seed: int = 0, max_length: int = 512) -> list[list[dic
 
 
 def mark_replies(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """The training twin of the tokenizer's chat template (phi3ops.templates): the same text with
-    `{% generation %}` around each reply, which assistant-only loss needs. Every side uses it."""
+    """The training twin of the tokenizer's chat template (phi3ops.model.templates): the same text
+    with `{% generation %}` around each reply, which assistant-only loss needs. Every side uses
+    it."""
     tokenizer.chat_template = plan_training_template(tokenizer.chat_template,
                                                      assistant_only_loss=True).training
     return tokenizer

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-CLI = "import sys; from phi3ops.cli import main; main(sys.argv[1:])"
+CLI = "import sys; from phi3ops.cli.main import main; main(sys.argv[1:])"
 # (label, arguments, goal in seconds)
 COMMANDS = [
     ("phi3ops --help", ["--help"], 1.0),

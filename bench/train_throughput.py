@@ -41,9 +41,9 @@ import torch  # noqa: E402
 from transformers import Phi3Config, Phi3ForCausalLM  # noqa: E402
 
 from phi3ops.config import TrainingConfig  # noqa: E402
-from phi3ops.evaluation import assistant_loss  # noqa: E402
-from phi3ops.modeling import build_tiny_tokenizer  # noqa: E402
-from phi3ops.throughput import peak_memory_mb, train_flops_per_token  # noqa: E402
+from phi3ops.evaluation.scoring import assistant_loss  # noqa: E402
+from phi3ops.model.base_model import build_tiny_tokenizer  # noqa: E402
+from phi3ops.train.throughput import peak_memory_mb, train_flops_per_token  # noqa: E402
 
 MAX_LENGTH, LR = 512, 1e-3
 CPU = torch.device("cpu")

@@ -31,7 +31,7 @@ from flows.tasks import (
     train_adapter,
     version_data,
 )
-from phi3ops import locking, pipeline, promotion, registry, report
+from phi3ops import locking, pipeline, report
 from phi3ops.config import (
     MlflowConfig,
     PipelineConfig,
@@ -39,7 +39,8 @@ from phi3ops.config import (
     load_config,
     load_mlflow_config,
 )
-from phi3ops.launch import LOG_FILE
+from phi3ops.registry import promotion, runs, store
+from phi3ops.train.launch import LOG_FILE
 
 
 @flow(name="retrain", persist_result=True, result_serializer="json")
@@ -96,7 +97,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         if prepared.template_note:
             logger.warning(prepared.template_note)
         at("train")
-        requirements_checked = registry.check_requirements_in_background()  # while it trains
+        requirements_checked = store.check_requirements_in_background()  # while it trains
         out_dir = pipeline.run_dir(paths, mcfg, cfg, dataset.md5, code)
         if force:  # trained from scratch, not resumed from what an earlier run left
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
@@ -106,7 +107,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         if trained.resumed_from:
             logger.info("training resumed from %s", trained.resumed_from)
         at("evaluate")
-        champion = registry.load_champion(mcfg)
+        champion = store.load_champion(mcfg)
         champion_version = champion[0] if champion else None
         scores = pipeline.score(paths, cfg, prepared, Path(trained.adapter_dir),
                                 champion[1] if champion else None, run_id, evaluate_adapter)
@@ -124,11 +125,11 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
                 run_id, champion_version, lambda v: txn.set("version", v.version), at,
                 register=register_adapter, merge=merge, promote=promote, record=record_decision)
     except BaseException as e:
-        registry.end_run(run_id, failed=True)
+        runs.end_run(run_id, failed=True)
         create_markdown_artifact(key="retrain-failure", markdown=report.failure(
             cfg.name, stage, e, run_id, mcfg, before))
         raise
-    registry.end_run(run_id)
+    runs.end_run(run_id)
     result, markdown = report.summary(cfg.name, mcfg, run_id, version, decision, prepared,
                                       trained, metrics)
     create_markdown_artifact(key="retrain-summary", markdown=markdown)
@@ -137,6 +138,6 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
 
 
 if __name__ == "__main__":  # the same front door as `phi3ops run`
-    from phi3ops.cli import main
+    from phi3ops.cli.main import main
 
     main(["run", *sys.argv[1:]])

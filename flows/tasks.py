@@ -13,9 +13,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction
 
-from phi3ops import data, evaluation, inference, launch, preprocess, promotion, registry
 from phi3ops.config import sha256_json
+from phi3ops.data import preprocess, versions
 from phi3ops.errors import Phi3opsError
+from phi3ops.evaluation import scoring
+from phi3ops.model import inference
+from phi3ops.registry import promotion, store
+from phi3ops.train import launch
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -39,7 +43,7 @@ LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
 # when a retry then succeeds; so no task retries there: register retries each MLflow call itself.
 IN_TRANSACTION = LOCAL
 
-version_data = task(data.checkout_version, name="version_data", **NETWORK)
+version_data = task(versions.checkout_version, name="version_data", **NETWORK)
 preprocess_data = task(preprocess.preprocess, name="preprocess", cache_key_fn=preprocess_key,
                        persist_result=True, result_serializer="json")
 # A timeout or crash of the training process is retried once; the retry resumes from the newest
@@ -47,9 +51,9 @@ preprocess_data = task(preprocess.preprocess, name="preprocess", cache_key_fn=pr
 # is not retried.
 train_adapter = task(launch.run_training, name="train", retries=1, retry_delay_seconds=1,
                      retry_condition_fn=retry_unless_user_error, **LOCAL)
-evaluate_adapter = task(evaluation.evaluate_adapter, name="evaluate", **LOCAL)
+evaluate_adapter = task(scoring.evaluate_adapter, name="evaluate", **LOCAL)
 merge = task(inference.merge_adapter, name="merge", **LOCAL)
-register_adapter = task(registry.register_adapter, name="register", **IN_TRANSACTION)
+register_adapter = task(store.register_adapter, name="register", **IN_TRANSACTION)
 promote = task(promotion.promote, name="promote", **IN_TRANSACTION)
 record_decision = task(promotion.record, name="record", **IN_TRANSACTION)
 
@@ -57,7 +61,7 @@ record_decision = task(promotion.record, name="record", **IN_TRANSACTION)
 @register_adapter.on_rollback
 def undo_register(txn: Transaction) -> None:
     """Rollback: `@challenger` back where it was. The version stays: a rerun finds it by key."""
-    registry.with_retries("put @challenger back", lambda: promotion.undo_challenger(
+    store.with_retries("put @challenger back", lambda: promotion.undo_challenger(
         txn.get("mlflow"), txn.get("aliases_before"), txn.get("version")),
         txn.get("mlflow").retry)
 
@@ -66,7 +70,7 @@ def undo_register(txn: Transaction) -> None:
 def undo_promote(txn: Transaction) -> None:
     """Rollback: `@champion` and `@previous-champion` back where they were."""
     reason = f"run {txn.get('run_id')} failed after promoting it; rolled back"
-    registry.with_retries("put @champion back", lambda: promotion.undo_promotion(
+    store.with_retries("put @champion back", lambda: promotion.undo_promotion(
         txn.get("mlflow"), txn.get("aliases_before"), txn.get("version"), reason,
         by=f"run {txn.get('run_id')}"), txn.get("mlflow").retry)
 

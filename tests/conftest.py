@@ -70,7 +70,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_models(tiny_config, tmp_path_factory) -> Path:
     """A model cache holding the default tiny Phi-3, built once for the whole session."""
-    from phi3ops.modeling import ensure_tiny_model
+    from phi3ops.model.base_model import ensure_tiny_model
 
     cache = tmp_path_factory.mktemp("models")
     ensure_tiny_model(tiny_config.model.tiny, cache)
@@ -80,9 +80,9 @@ def tiny_models(tiny_config, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def processed(tmp_path_factory, tiny_config, tiny_models) -> Path:
     """The demo dataset, preprocessed for the tiny model: what the train stage reads."""
-    from phi3ops.demo_data import write_demo_dataset
-    from phi3ops.modeling import load_tokenizer
-    from phi3ops.preprocess import preprocess
+    from phi3ops.data.demo import write_demo_dataset
+    from phi3ops.data.preprocess import preprocess
+    from phi3ops.model.base_model import load_tokenizer
 
     tmp = tmp_path_factory.mktemp("data")
     write_demo_dataset(tmp / "data")
@@ -114,8 +114,8 @@ def new_project(root: Path, demo_dvc_file: str, checkout: Path = REPO) -> Path:
 def demo_dvc_file(tmp_path_factory) -> str:
     """data.dvc of the seeded demo dataset, made by `dvc add` in a scratch repo once a session."""
     from phi3ops.config import DataConfig
-    from phi3ops.data import record_version
-    from phi3ops.demo_data import write_demo_dataset
+    from phi3ops.data.demo import write_demo_dataset
+    from phi3ops.data.versions import record_version
 
     scratch = tmp_path_factory.mktemp("demo-dvc")
     (scratch / ".dvc").mkdir()
@@ -203,7 +203,7 @@ def prefect_harness():
 def phi3_tokenizer_dir(tmp_path_factory) -> Path:
     """Phi-3's real tokenizer, built from llama.cpp's vocabulary and checked against its
     reference vectors (the archive is downloaded once into ~/.cache/phi3ops)."""
-    from phi3ops.phi3_tokenizer import ensure_phi3_tokenizer
+    from phi3ops.model.phi3_tokenizer import ensure_phi3_tokenizer
 
     return ensure_phi3_tokenizer(tmp_path_factory.mktemp("phi3-tokenizer"))
 
@@ -213,8 +213,8 @@ def adapter(tmp_path, tiny_config, tiny_models) -> tuple[Path, Path]:
     """(adapter dir, base dir): an untrained LoRA adapter on the tiny base, ready to register."""
     from peft import get_peft_model
 
-    from phi3ops.adapters import build_lora_config
-    from phi3ops.modeling import load_model, tiny_model_dir
+    from phi3ops.model.adapters import build_lora_config
+    from phi3ops.model.base_model import load_model, tiny_model_dir
 
     model = get_peft_model(load_model(tiny_config.model, tiny_models),
                            build_lora_config(tiny_config.peft_config))

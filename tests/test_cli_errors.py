@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from phi3ops import cli
+from phi3ops.cli.main import main
 from tests.conftest import REPO, free_port
 from tests.test_cli import phi3ops
 
@@ -51,7 +51,7 @@ def test_run_with_mlflow_down_ends_within_its_timeout(project):
 def test_the_flow_entry_point_takes_the_same_timeout(project, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(SystemExit) as stopped:  # `python flows/retrain.py` is `phi3ops run`
-        cli.main(["run", "--root", str(project), "--mlflow-timeout", "1"])
+        main(["run", "--root", str(project), "--mlflow-timeout", "1"])
     assert stopped.value.code == 2
     assert "is not reachable (Connection refused); waited 1 s" in capsys.readouterr().err
 

@@ -2,9 +2,9 @@
 
 import subprocess
 
-from phi3ops import code_version
-from phi3ops.code_version import code_hash
 from phi3ops.config import file_sha256
+from phi3ops.registry import code_version
+from phi3ops.registry.code_version import code_hash
 
 
 def test_the_hash_follows_the_code_and_dependencies_only(tmp_path):

@@ -4,7 +4,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from phi3ops.adapters import build_lora_config
 from phi3ops.config import (
     ConfigError,
     PipelineConfig,
@@ -12,7 +11,8 @@ from phi3ops.config import (
     load_config,
     load_mlflow_config,
 )
-from phi3ops.train import build_sft_config
+from phi3ops.model.adapters import build_lora_config
+from phi3ops.train.trainer import build_sft_config
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((REPO / "pipelines").rglob("*.yaml"))
@@ -105,8 +105,8 @@ def test_project_paths_are_under_the_root(tmp_path):
 
 def test_qlora_profile_is_valid_and_stops_at_once_without_cuda(tmp_path):
     from phi3ops.errors import Phi3opsError
-    from phi3ops.modeling import bnb_config
-    from phi3ops.preflight import check_runtime
+    from phi3ops.model.base_model import bnb_config
+    from phi3ops.model.preflight import check_runtime
 
     cfg = load_config(REPO / "pipelines" / "phi3-mini-qlora.yaml")
     quant = cfg.model.quantization
@@ -135,7 +135,7 @@ def test_training_settings_that_cannot_work_are_refused_at_load(overrides, messa
 
 def test_fsdp_settings_shard_decoder_layers_and_need_gpus(tmp_path):
     from phi3ops.errors import Phi3opsError
-    from phi3ops.preflight import check_runtime
+    from phi3ops.model.preflight import check_runtime
 
     cfg = load_config(REPO / "pipelines" / "phi3-mini-lora.yaml",
                       ["launch.strategy=fsdp", "launch.nproc=8"])
@@ -151,7 +151,7 @@ def test_fsdp_settings_shard_decoder_layers_and_need_gpus(tmp_path):
 
 
 def test_several_nodes_meet_at_one_endpoint_under_one_job_name(tmp_path):
-    from phi3ops.launch import command
+    from phi3ops.train.launch import command
 
     tiny = REPO / "pipelines" / "tiny-cpu.yaml"
     with pytest.raises(ConfigError, match=r"launch\.rdzv_endpoint: required"):

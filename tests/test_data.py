@@ -10,7 +10,9 @@ import pytest
 from datasets import Dataset
 
 from phi3ops.config import DataConfig
-from phi3ops.data import (
+from phi3ops.data.drift import diff_dirs
+from phi3ops.data.ingest import Columns, import_dataset
+from phi3ops.data.versions import (
     DataError,
     checkout_version,
     git_rev,
@@ -19,8 +21,6 @@ from phi3ops.data import (
     remote_missing,
     verify_workspace,
 )
-from phi3ops.drift import diff_dirs
-from phi3ops.ingest import Columns, import_dataset
 from tests.conftest import PROJECT_FILES, REPO, git, new_project
 
 CFG = DataConfig()

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from phi3ops.config import DataConfig
-from phi3ops.data import (
+from phi3ops.data.ingest import Columns, add_dataset
+from phi3ops.data.versions import (
     DataError,
     checkout_version,
     file_md5,
@@ -21,7 +22,6 @@ from phi3ops.data import (
     verify_workspace,
 )
 from phi3ops.errors import InvalidDataError
-from phi3ops.ingest import Columns, add_dataset
 from tests.conftest import REPO
 from tests.test_data import tiny_models  # noqa: F401 (no model: these tests never load one)
 from tests.test_s3_remote import BUCKET, PREFIX, dvc, s3, s3_endpoint  # noqa: F401 (moto S3)

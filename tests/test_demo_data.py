@@ -1,7 +1,7 @@
 import hashlib
 import json
 
-from phi3ops.demo_data import BAD_LINES, DEMO_SIZE, generate_conversations, write_demo_dataset
+from phi3ops.data.demo import BAD_LINES, DEMO_SIZE, generate_conversations, write_demo_dataset
 
 
 def test_demo_dataset_is_byte_identical_for_a_seed(tmp_path):

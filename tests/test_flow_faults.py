@@ -19,9 +19,10 @@ from prefect.client.schemas.filters import (
 )
 
 import flows.retrain as retrain_flow
-from phi3ops import locking, promotion
+from phi3ops import locking
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import BusyError, RegistryError
+from phi3ops.registry import promotion
 from tests.conftest import own_model
 
 pytestmark = pytest.mark.slow
@@ -129,7 +130,7 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
     records = [doc for doc in stored if "metadata" in doc]
     assert [r["metadata"]["serializer"]["type"] for r in records] == ["json"]
     prep = json.loads(records[0]["result"])
-    assert prep["__class__"] == "phi3ops.preprocess.PreprocessResult"
+    assert prep["__class__"] == "phi3ops.data.preprocess.PreprocessResult"
     assert prep["data"]["n_accepted"] == 1200
     flow_results = [doc for doc in stored if "metadata" not in doc]
     assert {doc.get("run_id") for doc in flow_results} >= {trained["run_id"], waited["run_id"]}

@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 
 import flows.retrain as retrain_flow
 from phi3ops.config import DataConfig, file_sha256
-from phi3ops.data import DataError, record_version, recorded_md5
-from phi3ops.run_inputs import DvcDatasetSource
-from phi3ops.validation import TooManyRejectedError
+from phi3ops.data.mlflow_datasets import DvcDatasetSource
+from phi3ops.data.validation import TooManyRejectedError
+from phi3ops.data.versions import DataError, record_version, recorded_md5
 from tests.conftest import REPO, free_port, git
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from prefect import flow
 import flows.retrain as retrain_flow
 from phi3ops.config import load_config
 from phi3ops.errors import TrainingSetupError
-from phi3ops.launch import LOG_FILE, TrainingTimeout
+from phi3ops.train.launch import LOG_FILE, TrainingTimeout
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ from prefect import Task
 import flows.retrain as retrain_flow
 import flows.tasks as flow_tasks
 from phi3ops.config import PreprocessConfig
-from phi3ops.modeling import load_tokenizer
-from phi3ops.preprocess import cache_key
+from phi3ops.data.preprocess import cache_key
+from phi3ops.model.base_model import load_tokenizer
 
 
 @pytest.fixture(scope="module")

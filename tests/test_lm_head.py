@@ -5,10 +5,11 @@ import torch
 from torch.nn import functional
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from phi3ops import adapters, lm_head
 from phi3ops.config import PeftLoraConfig, load_config
-from phi3ops.throughput import train_flops_per_token
-from phi3ops.train import build_trainer, scored_fraction
+from phi3ops.model import adapters
+from phi3ops.train import lm_head
+from phi3ops.train.throughput import train_flops_per_token
+from phi3ops.train.trainer import build_trainer, scored_fraction
 from tests.conftest import REPO
 
 

@@ -6,7 +6,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from phi3ops.registry import pip_requirements
+from phi3ops.registry.store import pip_requirements
 from tests.conftest import REPO
 
 

@@ -1,9 +1,9 @@
 import evaluate
 import pytest
 
-from phi3ops.evaluation import score
-from phi3ops.inference import split_prompts
-from phi3ops.metrics import metric_path
+from phi3ops.evaluation.metrics import metric_path
+from phi3ops.evaluation.scoring import score
+from phi3ops.model.inference import split_prompts
 
 
 def test_metric_modules_load_offline_by_path():
@@ -42,7 +42,7 @@ def test_bleu_and_chrf_modules_match_sacrebleu():
 
 
 def test_bootstrap_interval_brackets_the_mean_and_excludes_zero_for_a_clear_gain():
-    from phi3ops.evaluation import bootstrap_delta
+    from phi3ops.evaluation.scoring import bootstrap_delta
 
     tuned, base = [0.9, 0.8, 1.0, 0.7] * 10, [0.1, 0.3, 0.0, 0.2] * 10
     delta = bootstrap_delta(tuned, base)

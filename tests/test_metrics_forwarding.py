@@ -5,7 +5,7 @@ import logging
 
 from mlflow import MlflowClient
 
-from phi3ops.launch import METRICS_FILE, MetricsForwarder, _metrics_writer
+from phi3ops.train.launch import METRICS_FILE, MetricsForwarder, _metrics_writer
 
 
 def test_complete_lines_reach_the_run_and_a_half_written_one_waits(mlflow_server, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3ForCausalLM
 
 from phi3ops.config import ModelConfig, file_sha256
-from phi3ops.modeling import (
+from phi3ops.model.base_model import (
     SPECIAL_TOKENS,
     ModelNotAvailableError,
     ensure_tiny_model,
@@ -80,7 +80,7 @@ SAVE_TOKENIZER = """
 import sys
 from pathlib import Path
 from phi3ops.config import load_config
-from phi3ops.modeling import load_tokenizer
+from phi3ops.model.base_model import load_tokenizer
 cfg = load_config(Path(sys.argv[1]))
 load_tokenizer(cfg.model, Path(sys.argv[2])).save_pretrained(sys.argv[3])
 """

@@ -2,8 +2,8 @@
 
 import pytest
 
-from phi3ops import phi3_tokenizer
 from phi3ops.errors import ModelNotAvailableError
+from phi3ops.model import phi3_tokenizer
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from phi3ops.config import ProjectPaths, load_config
 from phi3ops.errors import ConfigError
-from phi3ops.phi3_mini import TOTAL_PARAMETERS
-from phi3ops.plan import build_plan
+from phi3ops.model.phi3_mini import TOTAL_PARAMETERS
+from phi3ops.train.plan import build_plan
 from tests.conftest import REPO
 
 PHI3_LORA = REPO / "pipelines" / "phi3-mini-lora.yaml"
@@ -75,7 +75,7 @@ def test_a_target_module_phi3_lacks_is_named(tmp_path):
 
 def test_a_local_config_is_sized_and_an_uncached_hub_id_says_how_to_get_one(tmp_path):
     from phi3ops.errors import ModelNotAvailableError
-    from phi3ops.phi3_mini import phi3_mini_config
+    from phi3ops.model.phi3_mini import phi3_mini_config
 
     phi3_mini_config().save_pretrained(tmp_path / "phi3")  # config.json alone, no weights
     local = phi3_plan(tmp_path, f"model.name_or_path={tmp_path / 'phi3'}")
@@ -98,8 +98,8 @@ def test_without_data_the_plan_says_how_to_get_tokens(tmp_path):
 
 def test_epoch_tokens_are_what_preprocess_keeps_for_training(tiny_config, tiny_models, processed,
                                                             tmp_path):
-    from phi3ops.demo_data import write_demo_dataset
-    from phi3ops.preprocess import load_processed
+    from phi3ops.data.demo import write_demo_dataset
+    from phi3ops.data.preprocess import load_processed
 
     write_demo_dataset(tmp_path / "data")  # the data `processed` was made from
     (tmp_path / ".cache").mkdir()
@@ -115,8 +115,8 @@ def test_tiny_estimate_within_25_percent_of_a_measured_training_step(tiny_config
     """What one forward + backward + AdamW step of the real tiny model holds beyond its frozen
     weights: tensors saved for backward (unique storages, parameters left out) and LoRA weights,
     gradients and optimizer state, against the plan for this CPU (fp32)."""
-    from phi3ops.adapters import attach
-    from phi3ops.modeling import load_model
+    from phi3ops.model.adapters import attach
+    from phi3ops.model.base_model import load_model
 
     model = attach(load_model(tiny_config.model, tiny_models, use_cache=False),
                    tiny_config.peft_config, "peft")
@@ -150,7 +150,7 @@ def test_tiny_estimate_within_25_percent_of_a_measured_training_step(tiny_config
 
 
 def test_cli_prints_the_table_and_json(tmp_path):
-    from phi3ops.cli import app
+    from phi3ops.cli.main import app
 
     args = ["plan", "--pipeline", str(PHI3_LORA), "--root", str(tmp_path), "--gpu", "H200",
             "--tokens", "1000000"]

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from phi3ops.config import PreprocessConfig
-from phi3ops.modeling import load_tokenizer
-from phi3ops.preprocess import load_processed, preprocess, split_of
-from phi3ops.validation import RowError, TooManyRejectedError, validate_row
+from phi3ops.data.preprocess import load_processed, preprocess, split_of
+from phi3ops.data.validation import RowError, TooManyRejectedError, validate_row
+from phi3ops.model.base_model import load_tokenizer
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -154,7 +154,7 @@ def test_stats_count_roles_and_plot_lengths(tmp_path, tokenizer):
 
 
 def test_tokenizer_hash_ignores_call_state(tokenizer):
-    from phi3ops.preprocess import tokenizer_hash
+    from phi3ops.data.preprocess import tokenizer_hash
 
     before = tokenizer_hash(tokenizer)
     tokenizer(["a", "a b c"], padding=True, truncation=True, max_length=2)

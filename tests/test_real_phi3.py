@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
 import flows.retrain as retrain_flow
-from phi3ops.templates import PHI3_2024_04_TEMPLATE, PHI3_TEMPLATE
+from phi3ops.model.templates import PHI3_2024_04_TEMPLATE, PHI3_TEMPLATE
 from tests.conftest import own_model
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import RegistryError
-from phi3ops.promotion import (
+from phi3ops.registry.promotion import (
     PromotionDecision,
     alias_snapshot,
     decide,
@@ -27,10 +27,10 @@ from phi3ops.promotion import (
     undo_challenger,
     undo_promotion,
 )
-from phi3ops.registry import (
+from phi3ops.registry.runs import connect
+from phi3ops.registry.store import (
     alias_version,
     check_requirements_in_background,
-    connect,
     pip_requirements,
     version_metrics,
 )
@@ -167,7 +167,7 @@ import threading
 from pathlib import Path
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import RegistryError
-from phi3ops.promotion import promote
+from phi3ops.registry.promotion import promote
 cfg = load_mlflow_config(sys.argv[1], [f"registered_model={sys.argv[2]}"])
 cfg = cfg.resolved(Path(sys.argv[3]))
 print(promote(cfg, sys.argv[4]).promoted)
@@ -239,7 +239,7 @@ def test_a_held_lock_names_its_holder_and_a_stale_one_is_broken(mlflow_cfg):
 
 
 def test_duplicates_of_a_registration_key_are_removed(mlflow_cfg):
-    from phi3ops.registry import find_version
+    from phi3ops.registry.store import find_version
 
     client = MlflowClient()
     first, second = register(mlflow_cfg), register(mlflow_cfg)

@@ -9,14 +9,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
 from phi3ops.config import load_mlflow_config
-from phi3ops.promotion import history, promote, rollback
-from phi3ops.registry import (
-    Lineage,
-    alias_version,
-    already_decided,
-    connect,
-    register_adapter,
-)
+from phi3ops.registry.promotion import history, promote, rollback
+from phi3ops.registry.runs import connect
+from phi3ops.registry.store import Lineage, alias_version, already_decided, register_adapter
 from tests.conftest import REPO
 
 LINEAGE = Lineage(dataset_md5="d1.dir", data_git_rev="r1", config_hash="c1",

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import RegistryError
-from phi3ops.registry import Lineage, register_adapter
+from phi3ops.registry.store import Lineage, register_adapter
 from tests.conftest import REPO, free_port, start_mlflow, stop
 
 pytestmark = pytest.mark.slow  # restarts a server and waits out the backoff

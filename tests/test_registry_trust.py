@@ -13,15 +13,15 @@ from mlflow import MlflowClient
 
 from phi3ops.config import file_sha256, load_mlflow_config
 from phi3ops.errors import RegistryError
-from phi3ops.registry import (
+from phi3ops.registry.runs import connect
+from phi3ops.registry.store import (
     Lineage,
     check_registered,
-    connect,
     load_champion,
     load_registered,
     register_adapter,
 )
-from phi3ops.trusted_load import MANIFEST_TAG
+from phi3ops.registry.trusted_load import MANIFEST_TAG
 from tests.test_cli import phi3ops
 from tests.test_cli_errors import one_paragraph, own_model
 
@@ -186,7 +186,7 @@ def test_the_adapter_and_the_merged_model_load_in_a_venv_built_from_their_requir
     import subprocess
     import sys
 
-    from phi3ops.inference import merge_adapter
+    from phi3ops.model.inference import merge_adapter
 
     cfg = settings(root)
     version, run_id = register_genuine(cfg, adapter)

@@ -4,7 +4,7 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from phi3ops.cli import use_local_prefect_server
+from phi3ops.cli.main import use_local_prefect_server
 from phi3ops.config import MlflowConfig
 from phi3ops.report import brief
 

@@ -3,7 +3,7 @@
 import json
 import subprocess
 
-from phi3ops.run_inputs import DvcDatasetSource, repo_url, splits
+from phi3ops.data.mlflow_datasets import DvcDatasetSource, repo_url, splits
 
 
 def test_splits_name_the_dvc_version_and_the_origin_without_credentials(tmp_path):

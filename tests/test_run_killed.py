@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from prefect.settings import get_current_settings
 
 import flows.retrain as retrain_flow
-from phi3ops.checkpoints import MARKER
+from phi3ops.train.checkpoints import MARKER
 from tests.conftest import own_model
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def trainers(project: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if ("phi3ops.launch" in cmdline and str(project) in cmdline
+        if ("phi3ops.train.launch" in cmdline and str(project) in cmdline
                 and process.info["status"] != psutil.STATUS_ZOMBIE):
             found.append(process)
     return found

@@ -7,7 +7,13 @@ import boto3
 import pytest
 
 from phi3ops.config import DataConfig
-from phi3ops.data import checkout_version, open_repo, push_verified, recorded_md5, remote_missing
+from phi3ops.data.versions import (
+    checkout_version,
+    open_repo,
+    push_verified,
+    recorded_md5,
+    remote_missing,
+)
 from tests.scale_servers import moto_s3
 
 BUCKET, PREFIX = "phi3ops-dvc", "store"

@@ -21,9 +21,10 @@ from mlflow import MlflowClient
 
 import flows.retrain as retrain_flow
 from phi3ops.config import file_sha256, load_mlflow_config
-from phi3ops.promotion import promote
-from phi3ops.registry import Lineage, alias_version, connect, register_adapter
-from phi3ops.trusted_load import MANIFEST_TAG
+from phi3ops.registry.promotion import promote
+from phi3ops.registry.runs import connect
+from phi3ops.registry.store import Lineage, alias_version, register_adapter
+from phi3ops.registry.trusted_load import MANIFEST_TAG
 from tests import test_registry
 from tests.conftest import new_project, own_model
 from tests.scale_servers import ARTIFACTS_PREFIX, BUCKET, SharedMlflow, moto_s3, shared_mlflow

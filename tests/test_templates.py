@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from phi3ops.demo_data import generate_conversations
+from phi3ops.data.demo import generate_conversations
 from phi3ops.errors import ConfigError, TemplateError
-from phi3ops.templates import (
+from phi3ops.model.templates import (
     KNOWN,
     PHI3_2024_04_TEMPLATE,
     PHI3_TEMPLATE,
@@ -122,7 +122,7 @@ def test_trl_labels_each_reply_and_its_end_and_padding_hides_none_of_it(
     from trl import SFTTrainer
 
     from phi3ops.config import TrainingConfig
-    from phi3ops.train import build_sft_config
+    from phi3ops.train.trainer import build_sft_config
 
     long = [{"role": "user", "content": "Name three capitals."},
             {"role": "assistant", "content": "Lima, Paris and Tokyo."},

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3ops import adapters
 from phi3ops.config import load_config
-from phi3ops.inference import generate_replies, load_adapter_model, merge_adapter
-from phi3ops.modeling import load_tokenizer
-from phi3ops.throughput import loss_curve
-from phi3ops.train import build_trainer, train
+from phi3ops.model import adapters
+from phi3ops.model.base_model import load_tokenizer
+from phi3ops.model.inference import generate_replies, load_adapter_model, merge_adapter
+from phi3ops.train.throughput import loss_curve
+from phi3ops.train.trainer import build_trainer, train
 from tests.conftest import REPO
 
 STEPS = ["training_config.max_steps=40", "training_config.logging_steps=5",
@@ -213,7 +213,7 @@ def test_a_misspelt_target_module_fails_instead_of_adapting_fewer_layers(
         backend, tiny_config, tiny_models):
     """peft alone would adapt o_proj and skip `qkv` without a word."""
     from phi3ops.errors import ConfigError
-    from phi3ops.modeling import load_model
+    from phi3ops.model.base_model import load_model
 
     cfg = load_config(REPO / "pipelines" / "tiny-cpu.yaml",
                       ["peft_config.target_modules=[qkv, o_proj]"])

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3ops.checkpoints import MARKER, CheckpointError, latest_complete
 from phi3ops.config import load_config
-from phi3ops.launch import TrainingTimeout, command, run_training, write_job
+from phi3ops.train.checkpoints import MARKER, CheckpointError, latest_complete
+from phi3ops.train.launch import TrainingTimeout, command, run_training, write_job
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from phi3ops.data.validation import jsonl_files, validate_files
 from phi3ops.errors import InvalidDataError
-from phi3ops.validation import jsonl_files, validate_files
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"},
                                 {"role": "assistant", "content": "hello"}]}).encode()

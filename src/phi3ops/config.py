@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from phi3ops.errors import ConfigError
-from phi3ops.templates import resolve_setting
+from phi3ops.model.templates import resolve_setting
 
 TINY_MODEL = "tiny-phi3"
 PHI3_VOCAB_SIZE = 32064

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from mlflow.entities.model_registry import ModelVersion
 
-from phi3ops import promotion, registry
 from phi3ops.config import MlflowConfig
 from phi3ops.errors import safe_uri
+from phi3ops.registry import promotion, runs
 
 
 def nothing_changed(run_id: str, name: str, same: ModelVersion,
@@ -18,8 +18,8 @@ def nothing_changed(run_id: str, name: str, same: ModelVersion,
     Returns the flow's result and the markdown of its summary."""
     reason = (f"nothing changed since v{same.version} (data, config and code are the same; it "
               f"was {same.tags['promotion.decision']}: {same.tags.get('promotion.reason', '')})")
-    registry.log_tags(run_id, {"phi3ops.skipped": reason})
-    registry.end_run(run_id)
+    runs.log_tags(run_id, {"phi3ops.skipped": reason})
+    runs.end_run(run_id)
     markdown = (f"# retrain {name}: nothing changed\n\n{reason}; no training. Change the data "
                 "(`phi3ops data add`), the config or the code, or run with `--force`.\n")
     return {"run_id": run_id, "skipped": True, "version": int(same.version), "promoted": False,

@@ -1,0 +1,1 @@
+"""The `phi3ops` command: parse, call one function, print."""

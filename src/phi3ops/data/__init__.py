@@ -1,0 +1,1 @@
+"""The dataset: DVC versions, ingest, validation, preprocessing, drift, demo data."""

@@ -1,0 +1,1 @@
+"""Scoring models on the held-out split with `evaluate` metrics kept in the package."""

@@ -1,0 +1,1 @@
+"""MLflow: runs, registered versions and their lineage, promotion by alias, trusted loading."""

@@ -1,0 +1,276 @@
+"""The MLflow model registry: the registered adapter with its lineage, and loading it back.
+
+    phi3ops chat --alias champion "What is the capital of France?"
+
+Every registered version gets `@challenger`; promotion.py decides whether `@champion` moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.utils.requirements_utils import (  # not public: the check log_model runs itself,
+    warn_dependency_requirement_mismatches,  # run early here to warm its cache
+)
+
+from phi3ops.config import MlflowConfig, PipelineConfig, RetryPolicy, sha256_json
+from phi3ops.errors import RegistryError
+from phi3ops.registry.runs import connect, log_metrics
+from phi3ops.registry.trusted_load import (
+    MANIFEST_TAG,
+    artifact_manifest,
+    inspect_version,
+    load_verified,
+)
+from phi3ops.serve.artifacts import INPUT_EXAMPLE, MODEL_CODE, RUNTIME_CODE, model_artifacts
+
+if TYPE_CHECKING:  # types only: chat and serving load no `datasets`
+    from mlflow.data.dataset import Dataset
+
+
+log = logging.getLogger(__name__)
+SIGNATURE = infer_signature(INPUT_EXAMPLE, ["The capital of France is Paris."])  # messages in
+HISTORY_TAG = "phi3ops.history"  # a version's append-only history, one event per line
+LEGACY_HISTORY = "history."  # how versions registered before kept it: history.001, ...
+RUNTIME_PACKAGES = ("torch", "transformers", "peft", "loralib", "accelerate", "safetensors",
+                    "tokenizers", "mlflow", "pandas")
+
+
+def pip_requirements() -> list[str]:
+    """What a registered model needs to load: the runtime packages, pinned as installed, without
+    a local build label (torch's `+cpu`), which the public index does not resolve."""
+    return [f"{p}=={installed_version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]
+
+
+def check_requirements_in_background() -> threading.Thread:
+    """log_model checks the model's requirements against this environment by mapping every
+    installed package's files: about a second, once per process. Started while the training
+    child is importing and training, it is done by registration time and costs the run nothing."""
+    thread = threading.Thread(target=warn_dependency_requirement_mismatches,
+                              args=(pip_requirements(),), name="mlflow-requirements", daemon=True)
+    thread.start()
+    return thread
+
+
+VERSION_LINEAGE = ("dataset_md5", "data_git_rev", "config_hash", "code_git_rev", "code_hash")
+
+
+@dataclass
+class Lineage:
+    dataset_md5: str
+    data_git_rev: str
+    config_hash: str
+    code_git_rev: str  # the commit, for people
+    code_hash: str  # what ran (code_version.py): what "same code" compares
+    env_lock: str  # sha256 of requirements.lock, the environment it ran in
+    pipeline: str
+    base_model: str
+
+    def tags(self) -> dict[str, str]:
+        """What the version carries; the pipeline and base model are in its card and model
+        config, the environment lock in its run's tags: a version keeps 12 tags or fewer."""
+        return {f"phi3ops.{k}": getattr(self, k) for k in VERSION_LINEAGE}
+
+
+def history_entry(event: str, by: str) -> str:
+    return f"{datetime.now(UTC).isoformat(timespec='seconds')} {event} (by {by})"
+
+
+DEFAULT_RETRY = RetryPolicy()  # mlflow.yaml's defaults, where no config is at hand
+
+
+def with_retries(what: str, call, policy: RetryPolicy = DEFAULT_RETRY):
+    """Run an idempotent MLflow operation, retrying with exponential backoff (mlflow.yaml's
+    `retry`); then a clear error."""
+    for attempt in range(policy.attempts):
+        try:
+            return call()
+        except (MlflowException, OSError) as e:
+            if attempt == policy.attempts - 1:
+                raise RegistryError(f"could not {what} after {policy.attempts} attempts: {e}") \
+                    from e
+            delay = policy.first_wait_s * 2**attempt
+            log.warning("%s failed (%s); retrying in %.0f s", what, type(e).__name__, delay)
+            time.sleep(delay)
+
+
+def registration_key(dataset_md5: str, config_hash: str, code_hash: str,
+                     artifact_type: str = "adapter") -> str:
+    """Same data, config and code give the same key, and so the same registered version."""
+    return sha256_json([dataset_md5, config_hash, code_hash, artifact_type])[:16]
+
+
+def find_version(mcfg: MlflowConfig, name: str, key: str) -> ModelVersion | None:
+    """The oldest version with this key. Newer ones are duplicates, left by a create whose reply
+    was lost before a retry (at-least-once over HTTP); they are deleted so the key stays unique."""
+    client = MlflowClient()
+    same = sorted((v for v in client.search_model_versions(f"name='{name}'")
+                   if v.tags.get("phi3ops.registration_key") == key), key=lambda v: int(v.version))
+    for duplicate in same[1:]:
+        log.warning("deleting %s v%s: a duplicate of v%s (same registration key)",
+                    name, duplicate.version, same[0].version)
+        client.delete_model_version(name, duplicate.version)
+    return same[0] if same else None
+
+
+def model_card(cfg: PipelineConfig, lineage: Lineage, metrics: dict[str, float]) -> str:
+    """The version's description in the registry: what it is, what made it, how good it is."""
+    metric = ["| metric | base | tuned | tuned - base (95% CI) |", "| --- | --- | --- | --- |"]
+    for name in ("rougeL", "rouge1", "bleu", "chrf", "exact_match", "perplexity"):
+        if f"tuned_{name}" in metrics:
+            delta = metrics.get(f"delta_base_{name}")
+            ci = (f"{delta:+.4f} ({metrics[f'delta_base_{name}_lo']:+.4f} .. "
+                  f"{metrics[f'delta_base_{name}_hi']:+.4f})" if delta is not None else "")
+            metric.append(f"| {name} | {metrics[f'base_{name}']:.4f} | "
+                          f"{metrics[f'tuned_{name}']:.4f} | {ci} |")
+    lora = cfg.peft_config
+    train = cfg.training_config
+    return "\n".join([
+        f"# {cfg.name}: LoRA adapter for `{lineage.base_model}`", "",
+        f"- data: DVC md5 `{lineage.dataset_md5}` at git `{lineage.data_git_rev}`",
+        f"- code: git `{lineage.code_git_rev}` (hash of what ran `{lineage.code_hash[:12]}`); "
+        f"pipeline config hash `{lineage.config_hash}`",
+        f"- LoRA ({cfg.adapter.backend}): r={lora.r}, alpha={lora.lora_alpha}, "
+        f"dropout={lora.lora_dropout}, "
+        f"targets {', '.join(lora.target_modules)}",
+        f"- training: lr {train.learning_rate}, batch {train.per_device_train_batch_size} x "
+        f"{train.gradient_accumulation_steps}, epochs {train.num_train_epochs}, "
+        f"scheduler {train.lr_scheduler_type}, max length {train.max_length}", "",
+        *metric, "",
+    ])
+
+
+def register_adapter(
+    mcfg: MlflowConfig, run_id: str, adapter_dir: Path | None, base_dir: Path | None,
+    lineage: Lineage, metrics: dict[str, float], max_new_tokens: int,
+    evaluated_against: str | None = None, card: str = "", artifact_type: str = "adapter",
+    held_out: Dataset | None = None, about: str = "",
+) -> ModelVersion:
+    """Log the model in the run, register it and set `@challenger`. Idempotent: the same
+    (data, config, code) gives the existing version, also when a retry follows a failure.
+    A merged model (`artifact_type="merged"`, base_dir = merged weights, no adapter) goes to
+    `<name>-merged`, without aliases: promotion is decided on the adapter."""
+    with_retries("reach MLflow", lambda: connect(mcfg), mcfg.retry)
+    name = mcfg.registered_model
+    if artifact_type != "adapter":
+        name = f"{name}-merged"
+    key = registration_key(lineage.dataset_md5, lineage.config_hash, lineage.code_hash,
+                           artifact_type)
+
+    existed = find_version(mcfg, name, key) is not None  # a rerun: its aliases stay as they are
+
+    def register_once() -> ModelVersion:
+        existing = find_version(mcfg, name, key)
+        if existing is not None:
+            log.info("%s v%s already holds this data, config and code", name, existing.version)
+            return existing
+        with mlflow.start_run(run_id=run_id):
+            # A signature, no input example: MLflow would check the example by loading the whole
+            # model and generating, which for Phi-3-mini means minutes and its full weights in
+            # memory once more. Loading and serving the registered model is tested end to end.
+            info = mlflow.pyfunc.log_model(
+                name=artifact_type,
+                python_model=MODEL_CODE,
+                code_paths=[RUNTIME_CODE],  # imported by MODEL_CODE: no phi3ops needed to load
+                artifacts=model_artifacts(adapter_dir, base_dir),
+                model_config={"base_model": lineage.base_model, "max_new_tokens": max_new_tokens},
+                signature=SIGNATURE,
+                pip_requirements=pip_requirements(),
+            )
+            log_metrics(run_id, metrics, dataset=held_out, model_id=info.model_id)
+        # Lineage, key and metrics are set with the version itself, so none is ever missing.
+        tags = {**lineage.tags(), "phi3ops.artifact_type": artifact_type,
+                "phi3ops.registration_key": key,
+                MANIFEST_TAG: artifact_manifest(adapter_dir, base_dir),  # checked on every load
+                HISTORY_TAG: history_entry("registered" + (
+                    f", @{mcfg.challenger_alias}" if artifact_type == "adapter" else ""),
+                    f"run {run_id}")}
+        if evaluated_against is not None:  # the champion scored on the same split in this run
+            tags["phi3ops.evaluated_against"] = evaluated_against
+        return mlflow.register_model(info.model_uri, name, tags=tags)
+
+    with_retries(f"register {name}", register_once, mcfg.retry)
+    version = with_retries("check the key is unique",
+                           lambda: find_version(mcfg, name, key), mcfg.retry)
+    client = MlflowClient()
+    with_retries("describe the version", lambda: client.update_model_version(
+        name, version.version, description=card), mcfg.retry)
+    if about:
+        with_retries("describe the model", lambda: client.update_registered_model(
+            name, description=about), mcfg.retry)
+    if artifact_type == "adapter" and not existed:  # never back to an older version
+        with_retries("set @challenger", lambda: client.set_registered_model_alias(
+            name, mcfg.challenger_alias, version.version), mcfg.retry)
+    return version
+
+
+def version_metrics(version: ModelVersion) -> dict[str, float]:
+    """A version's evaluation metrics: those of its logged model, or the `metric.*` tags of a
+    version registered before phi3ops logged metrics to the model."""
+    if version.metrics is not None:
+        return {m.key: m.value for m in version.metrics}
+    scores = {}
+    if version.source and version.source.startswith("models:/m-"):  # MLflow 3's logged model
+        scores = with_retries("read the model's metrics", lambda: {
+            m.key: m.value for m in MlflowClient().get_logged_model(
+                version.source.removeprefix("models:/")).metrics or []})
+    return scores or {k.removeprefix("metric."): float(v) for k, v in version.tags.items()
+                      if k.startswith("metric.")}
+
+
+def alias_version(mcfg: MlflowConfig, alias: str) -> ModelVersion | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(mcfg.registered_model, alias)
+    except MlflowException:
+        return None
+
+
+def already_decided(mcfg: MlflowConfig, dataset_md5: str, config_hash: str,
+                    code_hash: str) -> ModelVersion | None:
+    """The version already trained on this very data, config and code (code_version.py),
+    champion or not, once its promotion was decided (a version whose run died before that is
+    trained again: the run resumes, and the decision is made)."""
+    found = find_version(mcfg, mcfg.registered_model,
+                         registration_key(dataset_md5, config_hash, code_hash))
+    return found if found is not None and "promotion.decision" in found.tags else None
+
+
+def check_registered(mcfg: MlflowConfig, uri: str) -> ModelVersion:
+    """Before any heavy work: the version behind `uri` exists and phi3ops registered it."""
+    return inspect_version(mcfg.tracking_uri, uri)
+
+
+def load_registered(mcfg: MlflowConfig, uri: str):
+    """The chat model (chat_runtime.ChatModel) behind `models:/NAME@ALIAS`, `models:/NAME/N` or
+    `runs:/ID/adapter`, loaded by phi3ops' own code from files checked against the hashes
+    recorded at registration. Never mlflow.pyfunc.load_model: it runs whatever code a version
+    names, and anyone who can write to the registry can add a version (trusted_load.py)."""
+    return load_verified(mcfg.tracking_uri, uri)
+
+
+def load_chat_model(mcfg: MlflowConfig, uri: str):
+    """(model, tokenizer) inside a registered phi3ops model, for scoring or generation."""
+    chat = load_registered(mcfg, uri)
+    return chat.model, chat.tokenizer
+
+
+def load_champion(mcfg: MlflowConfig):
+    """(version, (model, tokenizer)) of the current champion, to score it on this run's split;
+    None when there is no champion yet."""
+    champion = alias_version(mcfg, mcfg.champion_alias)
+    if champion is None:
+        return None
+    return champion.version, load_chat_model(
+        mcfg, f"models:/{mcfg.registered_model}/{champion.version}")
