@@ -69,10 +69,14 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_config, tmp_path_factory) -> Path:
-    """A model cache holding the default tiny Phi-3, built once for the whole session."""
+    """A model cache holding the default tiny Phi-3, built once for the whole session: under
+    pytest-xdist in the session's directory, which every worker shares (the first builds)."""
     from phi3ops.model.base_model import ensure_tiny_model
 
-    cache = tmp_path_factory.mktemp("models")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "models"
+    else:
+        cache = tmp_path_factory.mktemp("models")
     ensure_tiny_model(tiny_config.model.tiny, cache)
     return cache
 

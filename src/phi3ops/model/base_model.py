@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from huggingface_hub import try_to_load_from_cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -43,7 +43,7 @@ from phi3ops.progress import Progress
 
 log = logging.getLogger(__name__)
 # Bump when the builder changes what it produces: the hash (and so the cache entry) changes too.
-TINY_BUILDER_VERSION = 4
+TINY_BUILDER_VERSION = 5
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>",
                   "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -149,6 +149,13 @@ def ensure_tiny_model(tiny: TinyModelConfig, cache_dir: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache_dir / f".{target.name}.lock"):  # one builder; the others wait for it
+        if not (target / "config.json").is_file():
+            _build_tiny_model(tiny, cache_dir, target)
+    return target
+
+
+def _build_tiny_model(tiny: TinyModelConfig, cache_dir: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
     if tiny.tokenizer == "phi3":
         tokenizer = forget_how_loaded(
@@ -160,11 +167,7 @@ def ensure_tiny_model(tiny: TinyModelConfig, cache_dir: Path) -> Path:
         pretrain_tiny_model(model, tokenizer, tiny)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(target)  # atomic: a half-built model is never visible under `target`
-    except OSError:  # another process finished first
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    staging.rename(target)  # atomic: a half-built model is never visible under `target`
 
 
 def resolve_model_path(model: ModelConfig, cache_dir: Path) -> str:
