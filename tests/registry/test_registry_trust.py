@@ -22,8 +22,8 @@ from phi3ops.registry.store import (
     register_adapter,
 )
 from phi3ops.registry.trusted_load import MANIFEST_TAG
-from tests.test_cli import phi3ops
-from tests.test_cli_errors import one_paragraph, own_model
+from tests.cli.test_cli import phi3ops
+from tests.cli.test_cli_errors import one_paragraph, own_model
 
 QUESTION = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
 

@@ -10,8 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from phi3ops.cli.main import main
+from tests.cli.test_cli import phi3ops
 from tests.conftest import REPO, free_port
-from tests.test_cli import phi3ops
 
 
 def own_model(root: Path, name: str | None = None) -> str:

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from phi3ops.config import load_config
 from tests.conftest import REPO, git, own_model, stop
-from tests.test_schedule import PREFECT, prefect_server, run_now
+from tests.flows.test_schedule import PREFECT, prefect_server, run_now
 
 POOL = "phi3ops-process"
 MODEL = "phi3ops-worker"

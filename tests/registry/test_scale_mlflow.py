@@ -25,8 +25,8 @@ from phi3ops.registry.promotion import promote
 from phi3ops.registry.runs import connect
 from phi3ops.registry.store import Lineage, alias_version, register_adapter
 from phi3ops.registry.trusted_load import MANIFEST_TAG
-from tests import test_registry
 from tests.conftest import new_project, own_model
+from tests.registry import test_registry
 from tests.scale_servers import ARTIFACTS_PREFIX, BUCKET, SharedMlflow, moto_s3, shared_mlflow
 
 # The SQLite suite's own fixture and tests, run again here on PostgreSQL (see mlflow_server).

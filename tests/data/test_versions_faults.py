@@ -23,8 +23,8 @@ from phi3ops.data.versions import (
 )
 from phi3ops.errors import InvalidDataError
 from tests.conftest import REPO
-from tests.test_data import tiny_models  # noqa: F401 (no model: these tests never load one)
-from tests.test_s3_remote import BUCKET, PREFIX, dvc, s3, s3_endpoint  # noqa: F401 (moto S3)
+from tests.data.test_s3_remote import BUCKET, PREFIX, dvc, s3, s3_endpoint  # noqa: F401 (moto S3)
+from tests.data.test_versions import tiny_models  # noqa: F401 (no model: these tests never load one)
 
 CFG = DataConfig()
 ROW = json.dumps({"messages": [{"role": "user", "content": "What is DVC?"},
