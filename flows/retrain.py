@@ -85,6 +85,7 @@ def run_stages(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
         same = None if force else pipeline.made_before(mcfg, cfg, dataset, code)
         if same is not None:
             result, markdown = report.nothing_changed(run_id, cfg.name, same, dataset.md5)
+            runs.end_skipped(run_id, result["reason"])
             create_markdown_artifact(key="retrain-summary", markdown=markdown)
             logger.info(result["reason"])
             return result

@@ -9,17 +9,15 @@ from mlflow.entities.model_registry import ModelVersion
 
 from phi3ops.config import MlflowConfig
 from phi3ops.errors import safe_uri
-from phi3ops.registry import promotion, runs
+from phi3ops.registry import promotion
 
 
 def nothing_changed(run_id: str, name: str, same: ModelVersion,
                     dataset_md5: str) -> tuple[dict, str]:
-    """End a run whose data, config and code made a version already: training would repeat it.
-    Returns the flow's result and the markdown of its summary."""
+    """What a run says when its data, config and code made a version already (training would
+    repeat it): the flow's result and the markdown of its summary."""
     reason = (f"nothing changed since v{same.version} (data, config and code are the same; it "
               f"was {same.tags['promotion.decision']}: {same.tags.get('promotion.reason', '')})")
-    runs.log_tags(run_id, {"phi3ops.skipped": reason})
-    runs.end_run(run_id)
     markdown = (f"# retrain {name}: nothing changed\n\n{reason}; no training. Change the data "
                 "(`phi3ops data add`), the config or the code, or run with `--force`.\n")
     return {"run_id": run_id, "skipped": True, "version": int(same.version), "promoted": False,

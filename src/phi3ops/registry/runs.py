@@ -116,6 +116,12 @@ def end_run(run_id: str, failed: bool = False) -> None:
     MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
+def end_skipped(run_id: str, reason: str) -> None:
+    """End a run that found its version made before: why it trained nothing, in a tag."""
+    log_tags(run_id, {"phi3ops.skipped": reason})
+    end_run(run_id)
+
+
 def owner_tags() -> dict[str, str]:
     """Which process owns a run, so that a later run can tell when it died without ending it."""
     pid = os.getpid()
