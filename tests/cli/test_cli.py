@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, own_model
 
 
 def phi3ops(*args, env=None, cwd=REPO):
@@ -43,6 +43,7 @@ def test_help_lists_the_commands():
 def test_commands_that_run_no_model_never_import_torch(project, mlflow_server):
     """Importing torch and transformers costs seconds in every process: only commands that run a
     model pay it (bench/startup.py times them)."""
+    own_model(project, "no-torch")  # the session's server holds other tests' versions
     assert phi3ops("data", "pull", "--root", str(project)).returncode == 0
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
     for args in (["--help"], ["data", "status"], ["models"]):
