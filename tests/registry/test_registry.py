@@ -282,7 +282,8 @@ def test_undo_puts_the_aliases_back_unless_someone_moved_them_since(mlflow_cfg):
 def test_record_checks_the_registry_agrees_then_tags_the_run(mlflow_cfg):
     v1 = register(mlflow_cfg, tuned_rougeL=0.5, base_rougeL=0.2)
     decision = promote(mlflow_cfg, v1)
-    run_id = MlflowClient().create_run(connect(mlflow_cfg)).info.run_id
+    experiment_id = connect(mlflow_cfg)  # first: it points the client at that server
+    run_id = MlflowClient().create_run(experiment_id).info.run_id
     record(mlflow_cfg, run_id, decision)
     tags = MlflowClient().get_run(run_id).data.tags
     assert tags["phi3ops.version"] == v1 and tags["phi3ops.promotion"] == "promoted"
@@ -300,7 +301,8 @@ def test_record_and_undo_on_a_sql_store_whose_versions_are_ints(tmp_path, monkey
     v1 = register(cfg, tuned_rougeL=0.5, base_rougeL=0.2)
     before = alias_snapshot(cfg)
     decision = promote(cfg, v1)
-    run_id = MlflowClient().create_run(connect(cfg)).info.run_id
+    experiment_id = connect(cfg)  # first: it points the client at that server
+    run_id = MlflowClient().create_run(experiment_id).info.run_id
     record(cfg, run_id, decision)
     assert MlflowClient().get_run(run_id).data.tags["phi3ops.version"] == str(v1)
     assert alias_snapshot(cfg)["champion"] == str(v1)

@@ -30,7 +30,8 @@ def cfg(mlflow_server, monkeypatch, tmp_path):
 @pytest.fixture
 def register(cfg, adapter):
     """register(config_hash, rougeL): the tiny adapter, registered by one run as phi3ops does."""
-    run_id = MlflowClient().create_run(connect(cfg)).info.run_id
+    experiment_id = connect(cfg)  # first: it points the client at that server
+    run_id = MlflowClient().create_run(experiment_id).info.run_id
 
     def register(config_hash: str, rougeL: float) -> ModelVersion:
         lineage = Lineage(**{**LINEAGE.__dict__, "config_hash": config_hash})

@@ -41,7 +41,8 @@ def settings(root: Path):
 
 def register_genuine(cfg, adapter, config_hash: str = "c1") -> tuple[str, str]:
     """(version, run id) registered the way the flow registers a trained adapter."""
-    run_id = MlflowClient().create_run(connect(cfg)).info.run_id
+    experiment_id = connect(cfg)  # first: it points the client at that server
+    run_id = MlflowClient().create_run(experiment_id).info.run_id
     lineage = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash=config_hash,
                       code_git_rev="r1", code_hash="h1", env_lock="l1", pipeline="tiny-cpu",
                       base_model="tiny-phi3")
