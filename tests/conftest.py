@@ -40,8 +40,8 @@ DVC_CONFIG = """[core]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first: the workers then end together, instead of one running the longest
-    test alone at the end."""
+    """The slow tests first, so the longest do not run alone at the end. Under pytest-xdist the
+    scheduler orders the files itself (by default, the files with most tests first)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
