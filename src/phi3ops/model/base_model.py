@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from huggingface_hub import try_to_load_from_cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -37,6 +36,7 @@ from phi3ops.config import (
 )
 from phi3ops.data.demo import DEMO_SEED, DEMO_SIZE, generate_conversations, tokenizer_corpus
 from phi3ops.errors import ModelNotAvailableError
+from phi3ops.locking import exclusive
 from phi3ops.model.phi3_tokenizer import ensure_phi3_tokenizer
 from phi3ops.model.templates import PHI3_TEMPLATE
 from phi3ops.progress import Progress
@@ -148,8 +148,9 @@ def ensure_tiny_model(tiny: TinyModelConfig, cache_dir: Path) -> Path:
     target = tiny_model_dir(tiny, cache_dir)
     if (target / "config.json").is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(cache_dir / f".{target.name}.lock"):  # one builder; the others wait for it
+    # One builder: the others wait for it (the lock names who builds), then find it built.
+    with exclusive(cache_dir / f".{target.name}.lock", f"building {target.name}",
+                   on_wait=log.info):
         if not (target / "config.json").is_file():
             _build_tiny_model(tiny, cache_dir, target)
     return target
