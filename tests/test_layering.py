@@ -12,15 +12,22 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
+def imported(path: Path) -> set[str]:
+    """The dotted modules a file imports; `from phi3ops import x` imports the module phi3ops.x."""
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            if node.module == "phi3ops":
+                names |= {f"phi3ops.{alias.name}" for alias in node.names}
     return names
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The top-level packages a file imports."""
+    return {name.split(".")[0] for name in imported(path)}
 
 
 FRONT_DOOR = SRC / "phi3ops" / "cli" / "main.py"  # `phi3ops run` starts the flow: above flows/
@@ -50,16 +57,8 @@ STANDS_ON = {  # each room of src/phi3ops and the rooms it may import, besides t
 
 def phi3ops_imports(path: Path) -> set[str]:
     """The phi3ops modules a file imports, as dotted paths below phi3ops."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module == "phi3ops":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("phi3ops."):
-            found.add(node.module.removeprefix("phi3ops."))
-        elif isinstance(node, ast.Import):
-            found |= {a.name.removeprefix("phi3ops.") for a in node.names
-                      if a.name.startswith("phi3ops.")}
-    return found
+    return {name.removeprefix("phi3ops.") for name in imported(path)
+            if name.startswith("phi3ops.")}
 
 
 def room_of(module: str) -> str:
