@@ -48,6 +48,7 @@ from phi3ops import pipeline  # noqa: E402
 from phi3ops.config import ProjectPaths, load_config, load_mlflow_config  # noqa: E402
 from phi3ops.model.base_model import ensure_tiny_model  # noqa: E402
 from phi3ops.registry.store import connect  # noqa: E402
+from phi3ops.steps import Run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["flows", "pipelines", "mlflow.yaml", "data.dvc", ".dvc/config", ".dvcignore",
@@ -76,14 +77,15 @@ def stages_only(root: Path, out: str) -> dict[str, float]:
         nonlocal last
         seconds[stage], last = time.perf_counter() - last, time.perf_counter()
 
-    dataset = pipeline.checkout(paths, cfg)
+    run = Run(paths, cfg)  # no MLflow run: the work alone
+    dataset = pipeline.checkout(run)
     lap("version_data")
     paths.processed = root / out / "processed"  # nothing reused from an earlier pass
-    prepared = pipeline.prepare(paths, cfg, dataset)
+    prepared = pipeline.prepare(run, dataset)
     lap("preprocess")
-    trained = pipeline.fit(paths, cfg, prepared, root / out / "run")
+    trained = pipeline.fit(run, prepared, root / out / "run")
     lap("train")
-    pipeline.score(paths, cfg, prepared, Path(trained.adapter_dir))
+    pipeline.score(run, prepared, Path(trained.adapter_dir))
     lap("evaluate")
     return seconds
 

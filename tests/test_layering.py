@@ -48,8 +48,9 @@ STANDS_ON = {  # each room of src/phi3ops and the rooms it may import, besides t
     "serve": {"model"},
     "registry": {"data", "model", "serve"},  # a registered model ships serve's code
     "train": {"data", "model", "registry"},  # training metrics stream into the MLflow run
-    "report": {"registry"},
-    "pipeline": {"data", "model", "train", "evaluation", "registry", "report"},
+    "steps": {"data", "model", "train", "evaluation", "registry"},  # each step calls its stage
+    "report": {"registry", "steps"},
+    "pipeline": {"data", "model", "train", "evaluation", "registry", "report", "steps"},
     "config": {"errors", "model.templates"},  # a template's name becomes its text at load
     "progress": {"config"}, "locking": {"errors"}, "errors": set(),
 }

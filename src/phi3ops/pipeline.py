@@ -1,32 +1,28 @@
-"""The stage sequence of a retrain, written once: prepare -> fit -> score, then what is published.
+"""The retrain sequence, written once: checkout -> preprocess -> train -> evaluate -> publish.
 
-    from phi3ops import pipeline
-    prepared = pipeline.prepare(paths, cfg, pipeline.checkout(paths, cfg), checked)
-    trained = pipeline.fit(paths, cfg, prepared, out_dir)
-    scores = pipeline.score(paths, cfg, prepared, Path(trained.adapter_dir))
+    run, _ = pipeline.start(paths, cfg, mcfg)           # preflight, then the MLflow run
+    result = pipeline.Retrain(run, LocalSteps())(data_rev=None, force=False)
 
-flows/retrain.py, `phi3ops train`, `phi3ops evaluate` and bench/pipeline_overhead.py all call
-these. Plain functions, no Prefect: the flow passes its Prefect tasks in as the steps
-(`checkout_version=`, `run_preprocess=`, `run_training=`, `evaluate=`, `register=`...), so retries
-and caching stay in flows/ while the order of the work lives here. With a `run_id` a stage also
-logs what it did to that MLflow run.
+flows/retrain.py runs `Retrain` with Prefect's steps; `phi3ops train`, `phi3ops evaluate` and
+bench/pipeline_overhead.py call the stages below (`prepare`, `fit`, `score`) with the local ones.
+A stage is a step plus what it logs to the MLflow run, when there is one (`run.run_id`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi3ops import report
 from phi3ops.config import MlflowConfig, PipelineConfig, ProjectPaths, sha256_json
-from phi3ops.data import drift, preprocess, versions
 from phi3ops.data.preprocess import PreprocessResult
 from phi3ops.data.versions import DatasetVersion
-from phi3ops.model.preflight import Preflight, preflight
 from phi3ops.registry import code_version, promotion, runs, store
-from phi3ops.registry.code_version import CodeVersion
-from phi3ops.train import launch
+from phi3ops.steps import LocalSteps, Publishing, Run, Steps
+from phi3ops.train.launch import LOG_FILE
+
+LOCAL = LocalSteps()
 
 
 @dataclass(frozen=True)
@@ -41,174 +37,211 @@ class Prepared:
     def data_dir(self) -> Path:
         return Path(self.prep.out_dir)
 
-    def splits(self, paths: ProjectPaths, cfg: PipelineConfig) -> dict:
+    def splits(self, run: Run) -> dict:
         """Train and held-out split as MLflow datasets (mlflow_datasets.py), by context."""
         from phi3ops.data import mlflow_datasets
 
-        return mlflow_datasets.splits(paths.root, cfg.data.path, self.dataset.md5,
-                                 self.dataset.git_rev, self.prep.n_train, self.prep.n_test)
+        return mlflow_datasets.splits(run.paths.root, run.cfg.data.path, self.dataset.md5,
+                                      self.dataset.git_rev, self.prep.n_train, self.prep.n_test)
 
 
-@dataclass(frozen=True)
-class Started:
-    """A retrain that passed preflight and has its MLflow run."""
-
-    checked: Preflight
-    run_id: str
-    code: CodeVersion  # the commit, and the hash of what runs: part of what made a version
-    closed_runs: list[str]  # runs left RUNNING by a process that died, marked FAILED now
-
-
-def start(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig) -> Started:
+def start(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig) -> tuple[Run, list[str]]:
     """Preflight first (machine, weights, chat template: seconds, before any data moves), then
-    the run; a run an earlier process left RUNNING when it died is closed as FAILED."""
+    the MLflow run. Also returns the runs an earlier process left RUNNING when it died, which
+    are closed as FAILED now."""
+    from phi3ops.model.preflight import preflight
+
     checked = preflight(cfg, paths.models)
     run_id = runs.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
     code = code_version.current(paths.root)
     runs.log_tags(run_id, {"phi3ops.code_git_rev": code.git_rev,
-                               "phi3ops.code_hash": code.hash, "phi3ops.env_lock": code.env_lock})
-    return Started(checked, run_id, code, runs.close_dead_runs(mcfg, run_id))
+                           "phi3ops.code_hash": code.hash, "phi3ops.env_lock": code.env_lock})
+    return Run(paths, cfg, mcfg, run_id, code, checked), runs.close_dead_runs(mcfg, run_id)
 
 
-def made_before(mcfg: MlflowConfig, cfg: PipelineConfig, dataset: DatasetVersion,
-                code: CodeVersion):
-    """The registered, decided version this data, config and code made already (or None):
-    training again would repeat it."""
-    return store.already_decided(mcfg, dataset.md5, cfg.config_hash(), code.hash)
-
-
-def checkout(paths: ProjectPaths, cfg: PipelineConfig, data_rev: str | None = None,
-             run_id: str | None = None, checkout_version: Callable = versions.checkout_version,
-             ) -> DatasetVersion:
+def checkout(run: Run, data_rev: str | None = None, steps: Steps = LOCAL) -> DatasetVersion:
     """The dataset version data.dvc names (at `data_rev`, or in the work tree), verified."""
-    dataset = checkout_version(paths.root, cfg.data, data_rev)
-    if run_id:
-        runs.log_tags(run_id, {"phi3ops.dataset_md5": dataset.md5,
+    dataset = steps.checkout(run, data_rev)
+    if run.run_id:
+        runs.log_tags(run.run_id, {"phi3ops.dataset_md5": dataset.md5,
                                    "phi3ops.data_git_rev": dataset.git_rev,
                                    "phi3ops.data_rev": data_rev or "work tree"})
     return dataset
 
 
-def prepare(paths: ProjectPaths, cfg: PipelineConfig, dataset: DatasetVersion,
-            checked: Preflight | None = None, run_id: str | None = None,
-            run_preprocess: Callable = preprocess.preprocess) -> Prepared:
+def prepare(run: Run, dataset: DatasetVersion, steps: Steps = LOCAL) -> Prepared:
     """Validate, deduplicate, fit to length, split and measure the dataset (cached by key)."""
     from phi3ops.model.base_model import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model, paths.models)
-    prep = run_preprocess(Path(dataset.path), dataset.md5, cfg.preprocess, tokenizer,
-                          paths.processed)
+    prep = steps.preprocess(run, dataset, load_tokenizer(run.cfg.model, run.paths.models))
     note = None
-    if checked is not None:
-        note = checked.template.system_note(prep.messages_by_role.get("system", 0),
-                                            prep.n_train + prep.n_test)
+    if run.checked is not None:
+        note = run.checked.template.system_note(prep.messages_by_role.get("system", 0),
+                                                prep.n_train + prep.n_test)
     prepared = Prepared(dataset, prep, note)
-    if run_id:
+    if run.run_id:
         from phi3ops.data import mlflow_datasets
 
-        runs.log_preprocess(run_id, prep)
-        mlflow_datasets.log_splits(run_id, prepared.splits(paths, cfg))
+        runs.log_preprocess(run.run_id, prep)
+        mlflow_datasets.log_splits(run.run_id, prepared.splits(run))
     return prepared
 
 
-def run_dir(paths: ProjectPaths, mcfg: MlflowConfig, cfg: PipelineConfig, dataset_md5: str,
-            code: CodeVersion) -> Path:
+def run_dir(run: Run, dataset_md5: str) -> Path:
     """Where a run trains: one directory per (model, data, config, code), so the rerun of a
     killed run resumes from its newest complete checkpoint."""
-    return paths.runs / sha256_json([mcfg.registered_model, dataset_md5, cfg.config_hash(),
-                                     code.hash])[:16]
+    return run.paths.runs / sha256_json([run.mlflow.registered_model, dataset_md5,
+                                         run.cfg.config_hash(), run.code.hash])[:16]
 
 
-def fit(paths: ProjectPaths, cfg: PipelineConfig, prepared: Prepared, out_dir: Path,
-        run_id: str | None = None, tracking_uri: str | None = None,
-        run_training: Callable = launch.run_training):
+def fit(run: Run, prepared: Prepared, out_dir: Path, steps: Steps = LOCAL):
     """Train the adapter in child process(es); resumes from out_dir's newest checkpoint."""
-    if run_id:
-        runs.log_tags(run_id, {"phi3ops.run_dir": str(out_dir)})
-    trained = run_training(cfg, prepared.data_dir, out_dir, paths.models, run_id=run_id,
-                           tracking_uri=tracking_uri)
-    if run_id:
+    if run.run_id:
+        runs.log_tags(run.run_id, {"phi3ops.run_dir": str(out_dir)})
+    trained = steps.train(run, prepared.data_dir, out_dir)
+    if run.run_id:
         from phi3ops.train.throughput import loss_curve
 
         if trained.resumed_from:
-            runs.log_tags(run_id, {"phi3ops.resumed_from": trained.resumed_from})
-        runs.log_figure(run_id, loss_curve(trained.history), "train/loss_curve.png")
+            runs.log_tags(run.run_id, {"phi3ops.resumed_from": trained.resumed_from})
+        runs.log_figure(run.run_id, loss_curve(trained.history), "train/loss_curve.png")
     return trained
 
 
-def score(paths: ProjectPaths, cfg: PipelineConfig, prepared: Prepared, adapter_dir: Path,
-          champion=None, run_id: str | None = None, evaluate: Callable | None = None):
+def score(run: Run, prepared: Prepared, adapter_dir: Path, champion=None,
+          steps: Steps = LOCAL):
     """Base, tuned and (given) champion on the same held-out conversations; logged to the run."""
-    if evaluate is None:
-        from phi3ops.evaluation.scoring import evaluate_adapter as evaluate
-    scores = evaluate(cfg.model, cfg.evaluation, prepared.data_dir, adapter_dir, paths.models,
-                      champion=champion)
-    if run_id:
-        runs.log_metrics(run_id, scores.flat(),
-                             dataset=prepared.splits(paths, cfg)["evaluation"])
-        runs.log_samples(run_id, scores.samples, "eval/samples.json")
+    scores = steps.evaluate(run, prepared.data_dir, adapter_dir, champion)
+    if run.run_id:
+        runs.log_metrics(run.run_id, scores.flat(), dataset=prepared.splits(run)["evaluation"])
+        runs.log_samples(run.run_id, scores.samples, "eval/samples.json")
     return scores
 
 
-def data_drift(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig,
-               dataset: DatasetVersion, run_id: str | None = None) -> str | None:
+def data_drift(run: Run, dataset: DatasetVersion) -> str | None:
     """How the data differs from the champion's, as markdown (None: same data, or no champion)."""
-    champion = store.alias_version(mcfg, mcfg.champion_alias)
+    from phi3ops.data import drift
+
+    champion = store.alias_version(run.mlflow, run.mlflow.champion_alias)
     if champion is None or champion.tags.get("phi3ops.dataset_md5") in (None, dataset.md5):
         return None
-    diff = drift.diff_against_rev(paths.root, cfg.data, champion.tags["phi3ops.data_git_rev"],
+    diff = drift.diff_against_rev(run.paths.root, run.cfg.data,
+                                  champion.tags["phi3ops.data_git_rev"],
                                   champion.tags["phi3ops.dataset_md5"], Path(dataset.path))
     if diff is None:
         return None
-    if run_id:
-        runs.log_text(run_id, diff.markdown(), "data/drift.md")
+    runs.log_text(run.run_id, diff.markdown(), "data/drift.md")
     return diff.markdown()
 
 
-def lineage(cfg: PipelineConfig, dataset: DatasetVersion, code: CodeVersion,
-            ) -> store.Lineage:
+def lineage(run: Run, dataset: DatasetVersion) -> store.Lineage:
     """What made a version: the data, the config and the code."""
+    cfg, code = run.cfg, run.code
     return store.Lineage(dataset_md5=dataset.md5, data_git_rev=dataset.git_rev,
-                            config_hash=cfg.config_hash(), code_git_rev=code.git_rev,
-                            code_hash=code.hash, env_lock=code.env_lock, pipeline=cfg.name,
-                            base_model=cfg.model.name_or_path)
+                         config_hash=cfg.config_hash(), code_git_rev=code.git_rev,
+                         code_hash=code.hash, env_lock=code.env_lock, pipeline=cfg.name,
+                         base_model=cfg.model.name_or_path)
 
 
-def publish(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig, checked: Preflight,
-            prepared: Prepared, trained, out_dir: Path, code: CodeVersion,
-            metrics: dict[str, float],
-            run_id: str, champion_version: str | None,
-            on_registered: Callable = lambda version: None,
-            on_stage: Callable[[str], None] = lambda stage: None,
-            register: Callable = store.register_adapter, merge: Callable | None = None,
-            promote: Callable | None = None, record: Callable | None = None):
-    """Register the adapter (and the merged model when asked), then promote it under the policy
-    and record the decision. A version that was decided before keeps its decision."""
-    from phi3ops.model.inference import merge_adapter  # torch and peft, only when a merge is asked
+class Retrain:
+    """One retrain, stage by stage, through `steps`. One MLflow run; a failure marks it FAILED
+    and never reaches promotion, so `@champion` stays where it was; registration and promotion
+    are one publishing transaction, whose failure puts the aliases back. `stage` names the stage
+    running, which the failure report names."""
 
-    merge, promote, record = (merge or merge_adapter, promote or promotion.promote,
-                              record or promotion.record)
-    made_by = lineage(cfg, prepared.dataset, code)
-    base_dir = Path(checked.model_path) if Path(checked.model_path).is_dir() else None
-    card = store.model_card(cfg, made_by, metrics)
-    on_stage("register")
-    held_out = prepared.splits(paths, cfg)["evaluation"]
-    about = promotion.model_description(mcfg, cfg.model.name_or_path)
-    version = register(mcfg, run_id, Path(trained.adapter_dir), base_dir, made_by, metrics,
-                       cfg.evaluation.max_new_tokens, evaluated_against=champion_version,
-                       card=card, held_out=held_out, about=about)
-    on_registered(version)
-    if cfg.registration.merged:
-        on_stage("merge")
-        merged_dir = merge(cfg.model, Path(trained.adapter_dir), out_dir / "merged", paths.models)
-        register(mcfg, run_id, None, merged_dir, made_by, metrics,
-                 cfg.evaluation.max_new_tokens, card=card, artifact_type="merged",
-                 held_out=held_out)
-    if "promotion.decision" in version.tags:  # a rerun: that decision stands
-        decision = report.standing_decision(version, champion_version)
-    else:
-        on_stage("promote")
-        decision = promote(mcfg, version.version, by=f"run {run_id}")
-    on_stage("record")
-    record(mcfg, run_id, decision)
-    return version, decision
+    def __init__(self, run: Run, steps: Steps = LOCAL):
+        self.run, self.steps = run, steps
+        self.stage = "version_data"
+        self.published: Publishing | None = None
+
+    def __call__(self, data_rev: str | None = None, force: bool = False) -> dict:
+        """The flow's result: version, decision, metrics (or why nothing was trained)."""
+        try:
+            return self.stages(data_rev, force)
+        except BaseException as e:
+            runs.end_run(self.run.run_id, failed=True)
+            before = self.published.aliases_before if self.published else None
+            self.steps.show("retrain-failure", report.failure(self.run, self.stage, e, before))
+            raise
+
+    def at(self, stage: str) -> None:
+        self.stage = stage
+        self.steps.log.info("stage: %s", stage)
+
+    def stages(self, data_rev: str | None, force: bool) -> dict:
+        run, steps, log = self.run, self.steps, self.steps.log
+        dataset = checkout(run, data_rev, steps)
+        same = None if force else store.already_decided(
+            run.mlflow, dataset.md5, run.cfg.config_hash(), run.code.hash)
+        if same is not None:  # training again would repeat that version
+            result, markdown = report.nothing_changed(run, same, dataset.md5)
+            runs.end_skipped(run.run_id, result["reason"])
+            steps.show("retrain-summary", markdown)
+            log.info(result["reason"])
+            return result
+        if drift := data_drift(run, dataset):
+            steps.show("data-drift", drift)
+        self.at("preprocess")
+        prepared = prepare(run, dataset, steps)
+        log.info("preprocess: %s", prepared.prep.summary())
+        if prepared.template_note:
+            log.warning(prepared.template_note)
+        self.at("train")
+        requirements_checked = store.check_requirements_in_background()  # while it trains
+        out_dir = run_dir(run, dataset.md5)
+        if force:  # trained from scratch, not resumed from what an earlier run left
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        log.info("training log: %s", out_dir / LOG_FILE)
+        trained = fit(run, prepared, out_dir, steps)
+        if trained.resumed_from:
+            log.info("training resumed from %s", trained.resumed_from)
+        self.at("evaluate")
+        champion = store.load_champion(run.mlflow)
+        scores = score(run, prepared, Path(trained.adapter_dir),
+                       champion[1] if champion else None, steps)
+        steps.show("sample-answers", "first held-out answers of each model",
+                   table=scores.samples[:20])
+        metrics = scores.flat()
+        requirements_checked.join()
+        self.published = Publishing(run.mlflow, run.run_id, promotion.alias_snapshot(run.mlflow),
+                                    champion[0] if champion else None)
+        with steps.publishing(self.published) as state:
+            version, decision = self.publish(prepared, trained, metrics, state)
+        runs.end_run(run.run_id)
+        result, markdown = report.summary(run, version, decision, prepared, trained, metrics)
+        steps.show("retrain-summary", markdown)
+        log.info("registered %s v%s; %s", run.mlflow.registered_model, version.version,
+                 decision.reason)
+        return result
+
+    def publish(self, prepared: Prepared, trained, metrics: dict[str, float],
+                state: Publishing):
+        """Register the adapter (and the merged model when asked), then promote it under the
+        policy and record the decision. A version that was decided before keeps its decision."""
+        run, steps = self.run, self.steps
+        self.at("register")
+        made_by = lineage(run, prepared.dataset)
+        base_dir = Path(run.checked.model_path)  # a local directory, or a hub id
+        candidate = store.Candidate(
+            made_by, metrics, Path(trained.adapter_dir), base_dir if base_dir.is_dir() else None,
+            run.cfg.evaluation.max_new_tokens, card=store.model_card(run.cfg, made_by, metrics),
+            about=promotion.model_description(run.mlflow, run.cfg.model.name_or_path),
+            held_out=prepared.splits(run)["evaluation"], evaluated_against=state.champion)
+        version = steps.register(run, candidate)
+        state.version = version.version
+        if run.cfg.registration.merged:
+            self.at("merge")
+            merged_dir = steps.merge(run, Path(trained.adapter_dir),
+                                     run_dir(run, prepared.dataset.md5) / "merged")
+            steps.register(run, store.Candidate(
+                made_by, metrics, None, merged_dir, candidate.max_new_tokens, card=candidate.card,
+                held_out=candidate.held_out, artifact_type="merged"))
+        if "promotion.decision" in version.tags:  # a rerun: that decision stands
+            decision = report.standing_decision(version, state.champion)
+        else:
+            self.at("promote")
+            decision = steps.promote(run, version.version)
+            state.promoted = True
+        self.at("record")
+        steps.record(run, decision)
+        return version, decision

@@ -10,17 +10,17 @@ from mlflow.entities.model_registry import ModelVersion
 from phi3ops.config import MlflowConfig
 from phi3ops.errors import safe_uri
 from phi3ops.registry import promotion
+from phi3ops.steps import Run
 
 
-def nothing_changed(run_id: str, name: str, same: ModelVersion,
-                    dataset_md5: str) -> tuple[dict, str]:
+def nothing_changed(run: Run, same: ModelVersion, dataset_md5: str) -> tuple[dict, str]:
     """What a run says when its data, config and code made a version already (training would
     repeat it): the flow's result and the markdown of its summary."""
     reason = (f"nothing changed since v{same.version} (data, config and code are the same; it "
               f"was {same.tags['promotion.decision']}: {same.tags.get('promotion.reason', '')})")
-    markdown = (f"# retrain {name}: nothing changed\n\n{reason}; no training. Change the data "
-                "(`phi3ops data add`), the config or the code, or run with `--force`.\n")
-    return {"run_id": run_id, "skipped": True, "version": int(same.version), "promoted": False,
+    markdown = (f"# retrain {run.cfg.name}: nothing changed\n\n{reason}; no training. Change the "
+                "data (`phi3ops data add`), the config or the code, or run with `--force`.\n")
+    return {"run_id": run.run_id, "skipped": True, "version": int(same.version), "promoted": False,
             "reason": reason, "dataset_md5": dataset_md5}, markdown
 
 
@@ -45,17 +45,17 @@ def aliases_note(mcfg: MlflowConfig, before: dict[str, str | None] | None) -> st
             "(`phi3ops promote --rollback`).")
 
 
-def failure(name: str, stage: str, error: BaseException, run_id: str, mcfg: MlflowConfig,
+def failure(run: Run, stage: str, error: BaseException,
             aliases_before: dict[str, str | None] | None) -> str:
-    return (f"# retrain {name} failed in `{stage}`\n\n```\n{type(error).__name__}: {error}\n"
-            f"```\n\nMLflow run `{run_id}` is marked FAILED."
-            + aliases_note(mcfg, aliases_before) + "\n")
+    return (f"# retrain {run.cfg.name} failed in `{stage}`\n\n```\n{type(error).__name__}: "
+            f"{error}\n```\n\nMLflow run `{run.run_id}` is marked FAILED."
+            + aliases_note(run.mlflow, aliases_before) + "\n")
 
 
-def summary(name: str, mcfg: MlflowConfig, run_id: str, version: ModelVersion,
-            decision: promotion.PromotionDecision, prepared, trained,
-            metrics: dict[str, float]) -> tuple[dict, str]:
+def summary(run: Run, version: ModelVersion, decision: promotion.PromotionDecision, prepared,
+            trained, metrics: dict[str, float]) -> tuple[dict, str]:
     """The flow's result and the markdown of `retrain-summary`."""
+    name, mcfg, run_id = run.cfg.name, run.mlflow, run.run_id
     metric, prep = mcfg.promotion.metric, prepared.prep
     scored = " | ".join(f"{m} {metrics[f'{m}_{metric}']:.4f}"
                         for m in ("base", "tuned", "champion") if f"{m}_{metric}" in metrics)

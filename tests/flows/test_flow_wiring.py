@@ -5,7 +5,7 @@ import pytest
 from prefect import Task
 
 import flows.retrain as retrain_flow
-import flows.tasks as flow_tasks
+import flows.steps as flow_steps
 from phi3ops.config import PreprocessConfig
 from phi3ops.data.preprocess import cache_key
 from phi3ops.model.base_model import load_tokenizer
@@ -13,11 +13,17 @@ from phi3ops.model.base_model import load_tokenizer
 
 @pytest.fixture(scope="module")
 def flow_module():
-    return flow_tasks
+    return flow_steps
+
+
+def flow_tasks(module) -> dict[str, Task]:
+    """The flow's tasks by name: the steps, and the cached preprocess task they call."""
+    candidates = [*vars(module).values(), *vars(module.PrefectSteps).values()]
+    return {t.name: t for t in candidates if isinstance(t, Task)}
 
 
 def test_whatever_prefect_persists_is_json_under_the_project(flow_module, tmp_path):
-    tasks = {t.name: t for t in vars(flow_module).values() if isinstance(t, Task)}
+    tasks = flow_tasks(flow_module)
     assert {"version_data", "preprocess", "train", "evaluate", "register", "promote",
             "record"} <= set(tasks)
     for name, t in tasks.items():
@@ -33,7 +39,7 @@ def test_whatever_prefect_persists_is_json_under_the_project(flow_module, tmp_pa
 
 def test_no_task_retries_inside_the_transaction(flow_module):
     """A failed attempt rolls back the enclosing transaction even if its retry then succeeds."""
-    tasks = {t.name: t for t in vars(flow_module).values() if isinstance(t, Task)}
+    tasks = flow_tasks(flow_module)
     assert [tasks[name].retries for name in ("register", "promote", "record")] == [0, 0, 0]
 
 

@@ -11,7 +11,13 @@ from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from phi3ops.config import load_mlflow_config
 from phi3ops.registry.promotion import history, promote, rollback
 from phi3ops.registry.runs import connect
-from phi3ops.registry.store import Lineage, alias_version, already_decided, register_adapter
+from phi3ops.registry.store import (
+    Candidate,
+    Lineage,
+    alias_version,
+    already_decided,
+    register_adapter,
+)
 from tests.conftest import REPO
 
 LINEAGE = Lineage(dataset_md5="d1.dir", data_git_rev="r1", config_hash="c1",
@@ -35,8 +41,8 @@ def register(cfg, adapter):
 
     def register(config_hash: str, rougeL: float) -> ModelVersion:
         lineage = Lineage(**{**LINEAGE.__dict__, "config_hash": config_hash})
-        return register_adapter(cfg, run_id, *adapter, lineage,
-                                {"tuned_rougeL": rougeL, "base_rougeL": 0.1}, 16)
+        return register_adapter(cfg, run_id, Candidate(
+            lineage, {"tuned_rougeL": rougeL, "base_rougeL": 0.1}, *adapter, max_new_tokens=16))
 
     register.run_id = run_id
     return register

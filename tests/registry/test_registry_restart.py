@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import RegistryError
-from phi3ops.registry.store import Lineage, register_adapter
+from phi3ops.registry.store import Candidate, Lineage, register_adapter
 from tests.conftest import REPO, free_port, start_mlflow, stop
 
 pytestmark = pytest.mark.slow  # restarts a server and waits out the backoff
@@ -30,8 +30,8 @@ def test_register_is_idempotent_across_a_restart(adapter, tmp_path, monkeypatch)
     run_id = client.create_run(client.create_experiment("restart")).info.run_id
 
     def register(lineage=LINEAGE):
-        return register_adapter(cfg, run_id, adapter_dir, base_dir, lineage, {"tuned_rougeL": 0.5},
-                                16, card="card")
+        return register_adapter(cfg, run_id, Candidate(
+            lineage, {"tuned_rougeL": 0.5}, adapter_dir, base_dir, max_new_tokens=16, card="card"))
 
     first = register()
     stop(server)

@@ -15,6 +15,7 @@ from phi3ops.config import file_sha256, load_mlflow_config
 from phi3ops.errors import RegistryError
 from phi3ops.registry.runs import connect
 from phi3ops.registry.store import (
+    Candidate,
     Lineage,
     check_registered,
     load_champion,
@@ -46,8 +47,8 @@ def register_genuine(cfg, adapter, config_hash: str = "c1") -> tuple[str, str]:
     lineage = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash=config_hash,
                       code_git_rev="r1", code_hash="h1", env_lock="l1", pipeline="tiny-cpu",
                       base_model="tiny-phi3")
-    version = register_adapter(cfg, run_id, *adapter, lineage, {"tuned_rougeL": 0.5}, 8,
-                               card="card")
+    version = register_adapter(cfg, run_id, Candidate(lineage, {"tuned_rougeL": 0.5}, *adapter,
+                                                      max_new_tokens=8, card="card"))
     return version.version, run_id
 
 
@@ -195,8 +196,8 @@ def test_the_adapter_and_the_merged_model_load_in_a_venv_built_from_their_requir
     lineage = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash="c1",
                       code_git_rev="r1", code_hash="h1", env_lock="l1", pipeline="tiny-cpu",
                       base_model="tiny-phi3")
-    merged = register_adapter(cfg, run_id, None, merged_dir, lineage, {"tuned_rougeL": 0.5}, 8,
-                              artifact_type="merged")
+    merged = register_adapter(cfg, run_id, Candidate(
+        lineage, {"tuned_rougeL": 0.5}, None, merged_dir, max_new_tokens=8, artifact_type="merged"))
     uris = [f"models:/{cfg.registered_model}/{version}",
             f"models:/{cfg.registered_model}-merged/{merged.version}"]
     requirements = mlflow.artifacts.download_artifacts(f"{uris[0]}/requirements.txt",

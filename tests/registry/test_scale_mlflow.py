@@ -23,7 +23,7 @@ import flows.retrain as retrain_flow
 from phi3ops.config import file_sha256, load_mlflow_config
 from phi3ops.registry.promotion import promote
 from phi3ops.registry.runs import connect
-from phi3ops.registry.store import Lineage, alias_version, register_adapter
+from phi3ops.registry.store import Candidate, Lineage, alias_version, register_adapter
 from phi3ops.registry.trusted_load import MANIFEST_TAG
 from tests.conftest import new_project, own_model
 from tests.registry import test_registry
@@ -207,8 +207,8 @@ def test_merged_weights_upload_in_parts_and_download_whole(mlflow_cfg, shared, t
     client = MlflowClient()
     run_id = client.create_run(connect(mlflow_cfg)).info.run_id
     lineage = Lineage("0" * 32, "rev", "c" * 12, "rev", "h" * 16, "lock", "big", "tiny-phi3")
-    version = register_adapter(mlflow_cfg, run_id, None, weights, lineage,
-                               {"tuned_rougeL": 0.5}, 8, artifact_type="merged")
+    version = register_adapter(mlflow_cfg, run_id, Candidate(
+        lineage, {"tuned_rougeL": 0.5}, None, weights, max_new_tokens=8, artifact_type="merged"))
     assert version.name == f"{mlflow_cfg.registered_model}-merged"
 
     in_model = f"artifacts/{weights.name}/model.safetensors"  # pyfunc keeps the folder's name

@@ -122,12 +122,14 @@ def train(
     """Train an adapter on the current dataset, outside the flow (no MLflow run, no registry)."""
     from phi3ops import pipeline as stages
     from phi3ops.model.preflight import preflight
+    from phi3ops.steps import Run
 
     paths = ProjectPaths(root)
     extra = [f"launch.nproc={nproc}"] if nproc else []
     cfg = load_pipeline(paths, pipeline, [*(overrides or []), *extra])
-    checked = preflight(cfg, paths.models)  # machine, weights, template: before fetching data
-    prepared = stages.prepare(paths, cfg, stages.checkout(paths, cfg, data_rev), checked)
+    # Machine, weights and template checked before fetching data; no MLflow run.
+    run = Run(paths, cfg, checked=preflight(cfg, paths.models))
+    prepared = stages.prepare(run, stages.checkout(run, data_rev))
     if prepared.template_note:
         typer.echo(f"warning: {prepared.template_note}", err=True)
     out_dir = (out or paths.runs / f"train-{cfg.name}-{cfg.config_hash()}").resolve()
@@ -137,7 +139,7 @@ def train(
     nodes = f" x {cfg.launch.nnodes} nodes" if cfg.launch.nnodes > 1 else ""
     typer.echo(f"training {cfg.adapter.backend} adapter on {cfg.launch.nproc} process(es){nodes}; "
                f"log: {out_dir / 'train.log'}")
-    result = stages.fit(paths, cfg, prepared, out_dir)
+    result = stages.fit(run, prepared, out_dir)
     if result.already_finished:
         typer.echo(f"{out_dir} is trained already (step {result.global_step} of "
                    f"{cfg.training_config.max_steps}): adapter in {result.adapter_dir}; "
@@ -169,8 +171,10 @@ def evaluate(
     from phi3ops.evaluation.scoring import held_out, run_model
     from phi3ops.model.base_model import load_tokenizer
     from phi3ops.model.inference import load_adapter_model
+    from phi3ops.steps import Run
 
-    prepared = stages.prepare(paths, cfg, stages.checkout(paths, cfg, data_rev))
+    run = Run(paths, cfg)
+    prepared = stages.prepare(run, stages.checkout(run, data_rev))
     dataset = prepared.dataset
     if local:
         chat_model = (load_adapter_model(cfg.model, Path(model), paths.models),

@@ -152,17 +152,30 @@ def model_card(cfg: PipelineConfig, lineage: Lineage, metrics: dict[str, float])
     ])
 
 
-def register_adapter(
-    mcfg: MlflowConfig, run_id: str, adapter_dir: Path | None, base_dir: Path | None,
-    lineage: Lineage, metrics: dict[str, float], max_new_tokens: int,
-    evaluated_against: str | None = None, card: str = "", artifact_type: str = "adapter",
-    held_out: Dataset | None = None, about: str = "",
-) -> ModelVersion:
+@dataclass(frozen=True)
+class Candidate:
+    """What one registration logs: the weights, what made them, how they scored."""
+
+    lineage: Lineage
+    metrics: dict[str, float]
+    adapter_dir: Path | None  # None: a merged model, its weights in base_dir
+    base_dir: Path | None  # None: the base model comes from the hub by name
+    max_new_tokens: int
+    card: str = ""  # the version's description
+    about: str = ""  # the registered model's description
+    held_out: Dataset | None = None  # the split the metrics were computed on
+    evaluated_against: str | None = None  # the champion version scored on that split
+    artifact_type: str = "adapter"
+
+
+def register_adapter(mcfg: MlflowConfig, run_id: str, candidate: Candidate) -> ModelVersion:
     """Log the model in the run, register it and set `@challenger`. Idempotent: the same
     (data, config, code) gives the existing version, also when a retry follows a failure.
     A merged model (`artifact_type="merged"`, base_dir = merged weights, no adapter) goes to
     `<name>-merged`, without aliases: promotion is decided on the adapter."""
     with_retries("reach MLflow", lambda: connect(mcfg), mcfg.retry)
+    lineage, metrics, artifact_type = candidate.lineage, candidate.metrics, candidate.artifact_type
+    adapter_dir, base_dir = candidate.adapter_dir, candidate.base_dir
     name = mcfg.registered_model
     if artifact_type != "adapter":
         name = f"{name}-merged"
@@ -185,11 +198,12 @@ def register_adapter(
                 python_model=MODEL_CODE,
                 code_paths=[RUNTIME_CODE],  # imported by MODEL_CODE: no phi3ops needed to load
                 artifacts=model_artifacts(adapter_dir, base_dir),
-                model_config={"base_model": lineage.base_model, "max_new_tokens": max_new_tokens},
+                model_config={"base_model": lineage.base_model,
+                              "max_new_tokens": candidate.max_new_tokens},
                 signature=SIGNATURE,
                 pip_requirements=pip_requirements(),
             )
-            log_metrics(run_id, metrics, dataset=held_out, model_id=info.model_id)
+            log_metrics(run_id, metrics, dataset=candidate.held_out, model_id=info.model_id)
         # Lineage, key and metrics are set with the version itself, so none is ever missing.
         tags = {**lineage.tags(), "phi3ops.artifact_type": artifact_type,
                 "phi3ops.registration_key": key,
@@ -197,8 +211,8 @@ def register_adapter(
                 HISTORY_TAG: history_entry("registered" + (
                     f", @{mcfg.challenger_alias}" if artifact_type == "adapter" else ""),
                     f"run {run_id}")}
-        if evaluated_against is not None:  # the champion scored on the same split in this run
-            tags["phi3ops.evaluated_against"] = evaluated_against
+        if candidate.evaluated_against is not None:  # the champion, scored on the same split
+            tags["phi3ops.evaluated_against"] = candidate.evaluated_against
         return mlflow.register_model(info.model_uri, name, tags=tags)
 
     with_retries(f"register {name}", register_once, mcfg.retry)
@@ -206,10 +220,10 @@ def register_adapter(
                            lambda: find_version(mcfg, name, key), mcfg.retry)
     client = MlflowClient()
     with_retries("describe the version", lambda: client.update_model_version(
-        name, version.version, description=card), mcfg.retry)
-    if about:
+        name, version.version, description=candidate.card), mcfg.retry)
+    if candidate.about:
         with_retries("describe the model", lambda: client.update_registered_model(
-            name, description=about), mcfg.retry)
+            name, description=candidate.about), mcfg.retry)
     if artifact_type == "adapter" and not existed:  # never back to an older version
         with_retries("set @challenger", lambda: client.set_registered_model_alias(
             name, mcfg.challenger_alias, version.version), mcfg.retry)
