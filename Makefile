@@ -98,7 +98,7 @@ stop:  ## stop the Prefect server that `make prefect-server` or `make schedule` 
 		rm -f .cache/prefect-server.pid; echo "Prefect server stopped"
 
 schedule: prefect-server  ## local Prefect server (SQLite) + the retrain deployment on its cron
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python flows/schedule.py \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.schedule \
 		--pipeline $(PIPELINE)
 
 # The deployments of prefect.yaml on a Prefect server (PREFECT_API_URL, by default the one of

@@ -1,1 +1,2 @@
-"""Prefect flows over phi3ops' stages: `retrain` (flows/retrain.py) and its schedule."""
+"""The project's Prefect flows (not installed; loaded from the project root): `retrain`
+(flows/retrain.py), its steps as tasks (flows/steps.py) and its schedule (flows/schedule.py)."""

@@ -1,7 +1,10 @@
 """Retrain flow: version_data -> preprocess -> train -> evaluate -> register -> promote.
 
     phi3ops run --pipeline pipelines/tiny-cpu.yaml [key.path=value ...]
-    python flows/retrain.py --pipeline pipelines/tiny-cpu.yaml      # the same command
+    python -m flows.retrain --pipeline pipelines/tiny-cpu.yaml      # the same command
+
+flows/ is the project's entry point, not an installed package: `phi3ops run` and a Prefect
+deployment (entrypoint flows/retrain.py:retrain) both load this file from the project root.
 
 phi3ops.pipeline's sequence (`Retrain`), with the Prefect tasks of flows/steps.py as its steps.
 One MLflow run per flow run; a failure marks the run FAILED and never reaches promotion, so

@@ -1,7 +1,7 @@
 """Serve the retrain flow as a Prefect deployment on the pipeline's cron schedule.
 
     make schedule        # starts a local Prefect server, then runs this file
-    python flows/schedule.py --pipeline pipelines/tiny-cpu.yaml
+    python -m flows.schedule --pipeline pipelines/tiny-cpu.yaml     # from the project root
 
 The deployment is named after the pipeline (`retrain/tiny-cpu`); `prefect deployment ls` lists
 it and `prefect deployment run retrain/tiny-cpu` triggers a run now. One run of a deployment at

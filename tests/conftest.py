@@ -27,7 +27,8 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["flows", "pipelines", "mlflow.yaml", ".gitignore", "prefect.yaml"]
+PROJECT_FILES = ["flows", "pipelines", "mlflow.yaml", ".gitignore", "prefect.yaml",
+                 "requirements.lock"]
 # The test projects' own DVC settings: a local remote beside the project, whatever the user's
 # checkout points its remote at.
 DVC_CONFIG = """[core]

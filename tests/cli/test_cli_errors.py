@@ -50,7 +50,7 @@ def test_run_with_mlflow_down_ends_within_its_timeout(project):
 
 def test_the_flow_entry_point_takes_the_same_timeout(project, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(SystemExit) as stopped:  # `python flows/retrain.py` is `phi3ops run`
+    with pytest.raises(SystemExit) as stopped:  # `python -m flows.retrain` is `phi3ops run`
         main(["run", "--root", str(project), "--mlflow-timeout", "1"])
     assert stopped.value.code == 2
     assert "is not reachable (Connection refused); waited 1 s" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def run_now(env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_served_deployment_runs_when_triggered(project, mlflow_server, tmp_path):
     with prefect_server(tmp_path, mlflow_server) as env:
-        served = subprocess.Popen([sys.executable, "flows/schedule.py", "--root", str(project)],
+        served = subprocess.Popen([sys.executable, "-m", "flows.schedule", "--root", str(project)],
                                   cwd=project, env=env, stdout=(tmp_path / "serve.log").open("w"),
                                   stderr=subprocess.STDOUT)
         try:

@@ -26,6 +26,9 @@ def test_a_commit_of_data_or_docs_keeps_the_hash_and_moves_the_rev(tmp_path):
                         *args], check=True, capture_output=True)
 
     git("init", "-q")
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "retrain.py").write_text("# the flow\n")
+    (tmp_path / "requirements.lock").write_text("torch==2.13.0\n")
     (tmp_path / "data.dvc").write_text("outs:\n- md5: a.dir\n")
     git("add", "-A")
     git("commit", "-qm", "data v1")
@@ -34,5 +37,11 @@ def test_a_commit_of_data_or_docs_keeps_the_hash_and_moves_the_rev(tmp_path):
     git("commit", "-qam", "data v2")
     second = code_version.current(tmp_path)
     assert second.git_rev != first.git_rev and second.hash == first.hash
-    assert {p.name for p in code_version.package_dirs()} == {"phi3ops", "flows"}
-    assert first.env_lock == file_sha256(code_version.LOCK_FILE), "the lock is part of it"
+    assert code_version.package_dirs(tmp_path)[1] == tmp_path.resolve() / "flows"
+    assert first.env_lock == file_sha256(tmp_path / "requirements.lock")
+
+    (tmp_path / "flows" / "retrain.py").write_text("# the flow, edited\n")
+    assert code_version.current(tmp_path).hash != first.hash, "the project's flows are code"
+    (tmp_path / "flows" / "retrain.py").write_text("# the flow\n")
+    (tmp_path / "requirements.lock").write_text("torch==2.12.0\n")
+    assert code_version.current(tmp_path).hash != first.hash, "so is its lock"

@@ -73,9 +73,7 @@ def run(
     preflight(load_pipeline(paths, pipeline, overrides), paths.models)
     mcfg = mlflow_settings(paths, mlflow_timeout)
     prefect_ui = use_local_prefect_server()
-    from flows.retrain import in_project
-
-    retrain = in_project(paths.root)
+    retrain = project_flow(paths.root)
     summary = retrain(pipeline=str(pipeline), overrides=overrides, root=str(paths.root),
                       data_rev=data_rev, force=force, lock_timeout_s=lock_timeout)
     if as_json:
@@ -90,6 +88,24 @@ def run(
     typer.echo(f"  Prefect UI: {prefect_ui}" if prefect_ui else
                "  Prefect: this run's server was temporary; start `make prefect-server` first "
                "to keep its artifacts (retrain-summary, sample-answers) in view")
+
+
+FLOW_ENTRYPOINT = "flows/retrain.py"
+
+
+def project_flow(root: Path):
+    """The retrain flow of the project at `root`, loaded the way a Prefect deployment loads its
+    entrypoint (Prefect's loader, the project root as the working directory), so `phi3ops run`
+    and a deployment run the same file, the one the code hash covers."""
+    from prefect.utilities.importtools import import_object
+
+    if not (root / FLOW_ENTRYPOINT).is_file():
+        raise ConfigError(
+            f"{root / FLOW_ENTRYPOINT} not found: `phi3ops run` runs the project's own flow. Run "
+            "it in a phi3ops project (a clone of the phi3ops repository holds flows/, pipelines/ "
+            "and mlflow.yaml), or point --root at one.")
+    os.chdir(root)  # what the flow file imports (flows.steps) comes from this project
+    return import_object(f"{FLOW_ENTRYPOINT}:in_project")(root)
 
 
 def use_local_prefect_server(port: int = 4200) -> str | None:
@@ -365,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
                         ("DVC_NO_ANALYTICS", "1")):
         os.environ.setdefault(name, value)
     quiet_libraries()
-    if argv is not None and "--debug" in argv:  # `python flows/retrain.py --debug`
+    if argv is not None and "--debug" in argv:  # `python -m flows.retrain --debug`
         argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:
         app(args=argv)

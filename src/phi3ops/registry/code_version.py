@@ -2,23 +2,23 @@
 
 A retrain with the same data, config and code would only repeat a version, so it stops early.
 "Same code" is decided by the hash of the files that run (the phi3ops package with its metric
-modules, the flows package, the declared dependencies and the environment lock), not by the
-commit: committing a new
-data.dvc or a README edit makes a new commit but runs the same code, while an uncommitted edit
-of a module changes the hash.
+modules, the project's flows/, the declared dependencies and the project's requirements.lock),
+not by the commit: committing a new data.dvc or a README edit makes a new commit but runs the
+same code, while an uncommitted edit of a module changes the hash. flows/ and the lock are read
+from the project root, where `phi3ops run` and a Prefect deployment both load the flow from, so
+an editable and a wheel install of phi3ops hash the same files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi3ops.config import file_sha256
 
-LOCK_FILE = Path(__file__).resolve().parents[3] / "requirements.lock"  # beside pyproject.toml
+LOCK_FILE = "requirements.lock"  # in the project root, beside flows/
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,10 @@ class CodeVersion:
     env_lock: str  # sha256 of requirements.lock ("none" in an install without one)
 
 
-def package_dirs() -> list[Path]:
-    """The directories of the packages a retrain runs: phi3ops and flows (found, not imported:
-    nothing under src/ imports the flows)."""
-    dirs = [Path(__file__).resolve().parents[1]]  # phi3ops/, this file in phi3ops/registry/
-    flows = importlib.util.find_spec("flows")
-    if flows is not None and flows.submodule_search_locations:
-        dirs += [Path(p).resolve() for p in flows.submodule_search_locations]
-    return dirs
+def package_dirs(root: Path) -> list[Path]:
+    """The directories a retrain runs code from: the phi3ops package and the project's flows/."""
+    return [Path(__file__).resolve().parents[1],  # phi3ops/, this file in phi3ops/registry/
+            Path(root).resolve() / "flows"]
 
 
 def code_hash(dirs: list[Path], requirements: list[str]) -> str:
@@ -56,6 +52,7 @@ def current(root: Path) -> CodeVersion:
     """The code this process runs, and the commit of the project at `root`."""
     from phi3ops.data.versions import git_rev
 
-    lock = file_sha256(LOCK_FILE) if LOCK_FILE.is_file() else "none"
+    lock_file = Path(root) / LOCK_FILE
+    lock = file_sha256(lock_file) if lock_file.is_file() else "none"
     requirements = [*(importlib.metadata.distribution("phi3ops").requires or []), f"lock {lock}"]
-    return CodeVersion(git_rev(root), code_hash(package_dirs(), requirements), lock)
+    return CodeVersion(git_rev(root), code_hash(package_dirs(root), requirements), lock)

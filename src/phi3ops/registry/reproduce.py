@@ -91,7 +91,8 @@ def reproduce(mcfg: MlflowConfig, root: Path, number: str) -> Reproduction:
             _phi3ops(["train", *common, "--out", str(out)], env, root)
             scored = json.loads(_phi3ops(["evaluate", *common, "--model", str(out / "adapter"),
                                           "--json"], env, root).strip().splitlines()[-1])
-            code_hash = subprocess.run([sys.executable, "-c", CODE_HASH, str(root)], env=env,
+            # The worktree as the project: its flows/ and lock (older code finds them itself).
+            code_hash = subprocess.run([sys.executable, "-c", CODE_HASH, str(code)], env=env,
                                        capture_output=True, text=True, check=True).stdout.strip()
             adapter = {f"adapter/{p.relative_to(out / 'adapter').as_posix()}": file_sha256(p)
                        for p in sorted((out / "adapter").rglob("*")) if p.is_file()}
