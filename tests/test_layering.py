@@ -43,7 +43,7 @@ def test_src_never_imports_prefect_or_flows():
     assert prefect == {"prefect.utilities.importtools"}
 
 
-GROUND = {"config", "errors", "progress", "locking"}  # what every stage may use
+GROUND = {"config", "errors", "progress", "locking", "retry"}  # what every stage may use
 STANDS_ON = {  # each room of src/phi3ops and the rooms it may import, besides the ground
     "data": set(),
     "model": {"data"},  # the tiny base is pretrained on the demo data
@@ -55,7 +55,8 @@ STANDS_ON = {  # each room of src/phi3ops and the rooms it may import, besides t
     "report": {"registry", "steps"},
     "pipeline": {"data", "model", "train", "evaluation", "registry", "report", "steps"},
     "config": {"errors", "model.templates"},  # a template's name becomes its text at load
-    "progress": {"config"}, "locking": {"errors"}, "errors": set(),
+    "progress": {"config"}, "locking": {"errors"}, "retry": {"config", "errors"},
+    "errors": set(),
 }
 
 

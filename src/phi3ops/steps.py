@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from phi3ops.config import MlflowConfig, PipelineConfig, ProjectPaths
 from phi3ops.registry import promotion, store
 from phi3ops.registry.code_version import CodeVersion
+from phi3ops.retry import with_retries
 
 if TYPE_CHECKING:  # types only: the CLI's light commands import no torch
     from phi3ops.data.preprocess import PreprocessResult
@@ -56,13 +57,13 @@ class Publishing:
 
     def undo_register(self) -> None:
         """`@challenger` back where it was. The version stays: a rerun finds it by its key."""
-        store.with_retries("put @challenger back", lambda: promotion.undo_challenger(
+        with_retries("put @challenger back", lambda: promotion.undo_challenger(
             self.mlflow, self.aliases_before, self.version), self.mlflow.retry)
 
     def undo_promote(self) -> None:
         """`@champion` and `@previous-champion` back where they were."""
         reason = f"run {self.run_id} failed after promoting it; rolled back"
-        store.with_retries("put @champion back", lambda: promotion.undo_promotion(
+        with_retries("put @champion back", lambda: promotion.undo_promotion(
             self.mlflow, self.aliases_before, self.version, reason, by=f"run {self.run_id}"),
             self.mlflow.retry)
 

@@ -22,7 +22,6 @@ def test_register_is_idempotent_across_a_restart(adapter, tmp_path, monkeypatch)
     home.mkdir()
     url = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our backoff, not the client's
     cfg = load_mlflow_config(REPO / "mlflow.yaml").resolved(tmp_path)
     adapter_dir, base_dir = adapter
     server = start_mlflow(home, port)

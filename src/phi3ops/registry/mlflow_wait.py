@@ -11,40 +11,20 @@ attempt, logs one line per retry, and ends with one paragraph that names the URI
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
-from contextlib import contextmanager
 
+import tenacity
 from mlflow import MlflowClient
-from mlflow.environment_variables import (
-    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-    MLFLOW_HTTP_REQUEST_TIMEOUT,
-)
 from mlflow.exceptions import MlflowException, RestException
 
 from phi3ops.errors import RegistryError, safe_uri
+from phi3ops.retry import mlflow_client_retries_off
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 60.0  # covers an `mlflow server` restart (10-30 s on a 2-core machine)
 REQUEST_TIMEOUT_S = 5  # one probe; a server that is up answers in well under a second
 MAX_DELAY_S = 10.0
-
-
-@contextmanager
-def client_retries_off(request_timeout_s: int):
-    """MLflow reads these at each request: no retries of its own, a short request timeout."""
-    names = (MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, MLFLOW_HTTP_REQUEST_TIMEOUT.name)
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(dict(zip(names, ("0", str(request_timeout_s)), strict=True)))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def reason(error: Exception) -> str:
@@ -56,6 +36,12 @@ def reason(error: Exception) -> str:
     return text[:200]
 
 
+def unanswered(error: BaseException) -> bool:
+    """No answer (refused, timed out): worth waiting for. An answer with an error (a
+    RestException: bad credentials, not a tracking server) is not."""
+    return isinstance(error, MlflowException) and not isinstance(error, RestException)
+
+
 def wait_for_mlflow(tracking_uri: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Return once an HTTP tracking server answers; a RegistryError after `timeout_s` seconds.
     A local store (sqlite:///..., a directory) has no server to wait for."""
@@ -63,30 +49,35 @@ def wait_for_mlflow(tracking_uri: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
         return
     uri = safe_uri(tracking_uri)
     deadline = time.monotonic() + timeout_s
-    delay, attempt = 1.0, 0
-    while True:
-        attempt += 1
-        left = deadline - time.monotonic()
-        try:
-            with client_retries_off(max(1, min(REQUEST_TIMEOUT_S, int(left)))):
-                MlflowClient(tracking_uri).search_experiments(max_results=1)
-            return
-        except RestException as e:  # it answered, with an error of its own: waiting won't help
-            raise RegistryError(f"MLflow at {uri} answered with an error: {e.message}. Check "
-                                "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, "
-                                "and that the URI is the tracking server's.") from None
-        except MlflowException as e:
-            why = reason(e)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RegistryError(
-                f"MLflow at {uri} is not reachable ({why}); waited {timeout_s:g} s, "
-                f"{attempt} attempts. Start that server, or point MLFLOW_TRACKING_URI (or "
-                "tracking_uri in mlflow.yaml) at one that runs; unset MLFLOW_TRACKING_URI to "
-                "track to the project's own mlruns.db. A server that is starting may need "
-                "longer: --mlflow-timeout SECONDS.")
-        wait = min(delay, left)
-        log.warning("MLflow at %s not reachable (%s); retry %d in %.0f s (%.0f s left)",
-                    uri, why, attempt, wait, left)
-        time.sleep(wait)
-        delay = min(delay * 2, MAX_DELAY_S)
+
+    def left() -> float:
+        return deadline - time.monotonic()
+
+    def probe() -> None:
+        with mlflow_client_retries_off(max(1, min(REQUEST_TIMEOUT_S, int(left())))):
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
+
+    def say_retrying(state: tenacity.RetryCallState) -> None:
+        log.warning("MLflow at %s not reachable (%s); retry %d in %.0f s (%.0f s left)", uri,
+                    reason(state.outcome.exception()), state.attempt_number,
+                    state.next_action.sleep, left())
+
+    backoff = tenacity.wait_exponential(multiplier=1, max=MAX_DELAY_S)
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(unanswered),
+        stop=tenacity.stop_after_delay(timeout_s),
+        wait=lambda state: max(0.0, min(backoff(state), left())),  # never past the deadline
+        before_sleep=say_retrying, reraise=True)
+    try:
+        retrying(probe)
+    except RestException as e:  # it answered, with an error of its own: waiting won't help
+        raise RegistryError(f"MLflow at {uri} answered with an error: {e.message}. Check "
+                            "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, "
+                            "and that the URI is the tracking server's.") from None
+    except MlflowException as e:
+        raise RegistryError(
+            f"MLflow at {uri} is not reachable ({reason(e)}); waited {timeout_s:g} s, "
+            f"{retrying.statistics['attempt_number']} attempts. Start that server, or point "
+            "MLFLOW_TRACKING_URI (or tracking_uri in mlflow.yaml) at one that runs; unset "
+            "MLFLOW_TRACKING_URI to track to the project's own mlruns.db. A server that is "
+            "starting may need longer: --mlflow-timeout SECONDS.") from None

@@ -43,8 +43,8 @@ from phi3ops.registry.store import (
     alias_version,
     history_entry,
     version_metrics,
-    with_retries,
 )
+from phi3ops.retry import with_retries
 
 log = logging.getLogger(__name__)
 PREVIOUS = "previous-champion"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as installed_version
@@ -25,8 +24,7 @@ from mlflow.utils.requirements_utils import (  # not public: the check log_model
     warn_dependency_requirement_mismatches,  # run early here to warm its cache
 )
 
-from phi3ops.config import MlflowConfig, PipelineConfig, RetryPolicy, sha256_json
-from phi3ops.errors import RegistryError
+from phi3ops.config import MlflowConfig, PipelineConfig, sha256_json
 from phi3ops.registry.runs import connect, log_metrics
 from phi3ops.registry.trusted_load import (
     MANIFEST_TAG,
@@ -34,6 +32,7 @@ from phi3ops.registry.trusted_load import (
     inspect_version,
     load_verified,
 )
+from phi3ops.retry import with_retries
 from phi3ops.serve.artifacts import INPUT_EXAMPLE, MODEL_CODE, RUNTIME_CODE, model_artifacts
 
 if TYPE_CHECKING:  # types only: chat and serving load no `datasets`
@@ -86,24 +85,6 @@ class Lineage:
 
 def history_entry(event: str, by: str) -> str:
     return f"{datetime.now(UTC).isoformat(timespec='seconds')} {event} (by {by})"
-
-
-DEFAULT_RETRY = RetryPolicy()  # mlflow.yaml's defaults, where no config is at hand
-
-
-def with_retries(what: str, call, policy: RetryPolicy = DEFAULT_RETRY):
-    """Run an idempotent MLflow operation, retrying with exponential backoff (mlflow.yaml's
-    `retry`); then a clear error."""
-    for attempt in range(policy.attempts):
-        try:
-            return call()
-        except (MlflowException, OSError) as e:
-            if attempt == policy.attempts - 1:
-                raise RegistryError(f"could not {what} after {policy.attempts} attempts: {e}") \
-                    from e
-            delay = policy.first_wait_s * 2**attempt
-            log.warning("%s failed (%s); retrying in %.0f s", what, type(e).__name__, delay)
-            time.sleep(delay)
 
 
 def registration_key(dataset_md5: str, config_hash: str, code_hash: str,
