@@ -52,6 +52,7 @@ class PrefectSteps(LocalSteps):
     """Each step a task of the flow run (Prefect binds `self` as a task parameter)."""
 
     checkout = task(LocalSteps.checkout, name="version_data", **NETWORK)
+    push = task(LocalSteps.push, name="push_data", **NETWORK)
     # A timeout or crash of the training process is retried once; the retry resumes from the
     # newest complete checkpoint in the same run directory. A user error (bad config, tampered
     # checkpoint) is not retried.

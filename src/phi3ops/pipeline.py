@@ -171,6 +171,8 @@ class Retrain:
     def stages(self, data_rev: str | None, force: bool) -> dict:
         run, steps, log = self.run, self.steps, self.steps.log
         dataset = checkout(run, data_rev, steps)
+        if data_rev is None:  # the work tree's version: on the remote before it is trained on
+            steps.push(run)
         same = None if force else store.already_decided(
             run.mlflow, dataset.md5, run.cfg.config_hash(), run.code.hash)
         if same is not None:  # training again would repeat that version

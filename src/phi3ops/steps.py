@@ -74,6 +74,7 @@ class Steps(Protocol):
     log: logging.Logger | logging.LoggerAdapter
 
     def checkout(self, run: Run, data_rev: str | None) -> DatasetVersion: ...
+    def push(self, run: Run) -> None: ...
     def preprocess(self, run: Run, dataset: DatasetVersion, tokenizer) -> PreprocessResult: ...
     def train(self, run: Run, data_dir: Path, out_dir: Path) -> TrainResult: ...
     def evaluate(self, run: Run, data_dir: Path, adapter_dir: Path, champion) -> EvalResult: ...
@@ -97,6 +98,11 @@ class LocalSteps:
         from phi3ops.data.versions import checkout_version
 
         return checkout_version(run.paths.root, run.cfg.data, data_rev)
+
+    def push(self, run: Run) -> None:
+        from phi3ops.data.versions import push_version
+
+        push_version(run.paths.root, run.cfg.data)
 
     def preprocess(self, run: Run, dataset: DatasetVersion, tokenizer) -> PreprocessResult:
         from phi3ops.data.preprocess import preprocess

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from phi3ops.config import DataConfig
+from phi3ops.data.versions import push_version
 from tests.conftest import REPO, own_model
 
 
@@ -45,6 +47,7 @@ def test_commands_that_run_no_model_never_import_torch(project, mlflow_server):
     model pay it (bench/startup.py times them)."""
     own_model(project, "no-torch")  # the session's server holds other tests' versions
     assert phi3ops("data", "pull", "--root", str(project)).returncode == 0
+    push_version(project, DataConfig())  # as a run would: `data status` then finds it all
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
     for args in (["--help"], ["data", "status"], ["models"]):
         root = [] if args == ["--help"] else ["--root", str(project)]

@@ -11,6 +11,7 @@ from phi3ops.data.versions import (
     checkout_version,
     open_repo,
     push_verified,
+    push_version,
     recorded_md5,
     remote_missing,
 )
@@ -44,7 +45,8 @@ def test_s3_remote_push_verify_and_repair(project, s3, s3_endpoint):
     dvc(project, "remote", "add", "-d", "s3", f"s3://{BUCKET}/{PREFIX}")
     dvc(project, "remote", "modify", "s3", "endpointurl", s3_endpoint)
 
-    checkout_version(project, DataConfig())  # regenerates the demo data and pushes it to S3
+    checkout_version(project, DataConfig())  # regenerates the demo data
+    push_version(project, DataConfig())  # and pushes it to S3, every object read back
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
     md5 = recorded_md5(project / "data.dvc")
     assert f"{PREFIX}/files/md5/{md5[:2]}/{md5[2:]}" in keys

@@ -16,6 +16,7 @@ from phi3ops.data.versions import (
     DataError,
     checkout_version,
     git_rev,
+    push_version,
     record_version,
     recorded_md5,
     remote_missing,
@@ -75,12 +76,16 @@ def test_fresh_clone_regenerates_demo_data_with_the_recorded_md5(project):
     assert version.source == "generated" and version.md5 == committed
     assert version.n_rows == 1203 and version.n_files == 1
     assert version.git_rev == git(project, "rev-parse", "HEAD")
+    assert remote_files(project) == [], "a checkout reads: it pushes nothing"
+    assert recorded_md5(project / "data.dvc") == committed, "nor records a version"
+    push_version(project, CFG)  # what a retrain does next, before it trains
     assert len(remote_files(project)) == 2, "the .dir manifest and the one file were pushed"
     assert remote_missing(project, CFG) == []
 
 
 def test_missing_data_is_pulled_from_the_remote(project):
     checkout_version(project, CFG)
+    push_version(project, CFG)
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
     assert checkout_version(project, CFG).source == "pulled"
@@ -138,7 +143,8 @@ def test_a_missing_tag_is_named_as_the_cause(project):
     with pytest.raises(DataError, match=r"no git commit, branch or tag named 'data-v1'.*git tag"):
         checkout_version(project, CFG, "data-v1")
     git(project, "tag", "data-v1")
-    checkout_version(project, CFG)  # the demo data, regenerated and pushed to the remote
+    checkout_version(project, CFG)  # the demo data, regenerated
+    push_version(project, CFG)  # and pushed to the remote
     assert checkout_version(project, CFG, "data-v1").md5 == recorded_md5(project / "data.dvc")
 
 
@@ -151,6 +157,7 @@ def test_outside_a_dvc_repo_is_a_clear_error(tmp_path):
 
 def test_remote_missing_objects_are_reported(project):
     checkout_version(project, CFG)
+    push_version(project, CFG)
     for path in remote_files(project):
         if not path.name.endswith(".dir"):
             path.unlink()

@@ -17,6 +17,7 @@ from phi3ops.data.versions import (
     DataError,
     checkout_version,
     file_md5,
+    push_version,
     recorded_md5,
     remote_status,
     verify_workspace,
@@ -62,11 +63,18 @@ def snapshot(root: Path):
     return files, folders, (root / "data.dvc").read_bytes(), remote, leftovers
 
 
+def pushed(project):
+    """data/ restored and the version on the remote, as a retrain leaves them before training."""
+    version = checkout_version(project, CFG)
+    push_version(project, CFG)
+    return version
+
+
 # 1. A corrupt object on the DVC remote
 
 
 def test_a_corrupt_remote_object_is_named_never_regenerated_over(project):
-    checkout_version(project, CFG)
+    pushed(project)
     obj = remote_object(project)
     flip_a_byte(obj)
     shutil.rmtree(project / "data")
@@ -85,12 +93,12 @@ def test_a_corrupt_remote_object_is_named_never_regenerated_over(project):
     assert "remote holds this version" not in status.stdout
 
     obj.unlink()  # the documented fix: the remote now truly lacks it, so the demo comes back
-    assert checkout_version(project, CFG).source == "generated"
+    assert pushed(project).source == "generated"
     assert remote_status(project, CFG, sample=None).problems() == ""
 
 
 def test_a_corrupt_directory_manifest_on_the_remote_is_named(project):
-    checkout_version(project, CFG)
+    pushed(project)
     flip_a_byte(remote_object(project, manifest=True), at=5)
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
@@ -102,7 +110,7 @@ def test_a_corrupt_directory_manifest_on_the_remote_is_named(project):
 def test_a_remote_without_verify_hands_over_corrupt_files_and_they_are_named(project):
     config = project / ".dvc" / "config"
     config.write_text(config.read_text().replace("verify = true", "verify = false"))
-    checkout_version(project, CFG)
+    pushed(project)
     obj = remote_object(project)
     flip_a_byte(obj)
     shutil.rmtree(project / "data")
@@ -115,7 +123,7 @@ def test_a_remote_without_verify_hands_over_corrupt_files_and_they_are_named(pro
 
 
 def test_status_names_a_corrupt_object_and_verify_reads_every_one(project):
-    checkout_version(project, CFG)
+    pushed(project)
     for i in range(3):
         (project / "data" / f"extra{i}.jsonl").write_text(ROW.replace("DVC", f"DVC {i}") + "\n")
     assert phi3ops("data", "version", "--root", str(project)).returncode == 0
@@ -140,7 +148,7 @@ def test_a_corrupt_object_on_s3_is_found_through_the_same_code(project, request)
     client, endpoint = request.getfixturevalue("s3"), request.getfixturevalue("s3_endpoint")
     dvc(project, "remote", "add", "-d", "s3", f"s3://{BUCKET}/{PREFIX}")
     dvc(project, "remote", "modify", "s3", "endpointurl", endpoint)
-    checkout_version(project, CFG)
+    pushed(project)
     md5 = file_md5(project / "data" / "conversations.jsonl")
     key = f"{PREFIX}/files/md5/{md5[:2]}/{md5[2:]}"
     data = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
@@ -156,10 +164,10 @@ def test_a_corrupt_object_on_s3_is_found_through_the_same_code(project, request)
 
 
 def test_a_push_from_good_data_replaces_a_corrupt_object(project):
-    checkout_version(project, CFG)
+    pushed(project)
     obj = remote_object(project)
     flip_a_byte(obj)
-    checkout_version(project, CFG)  # data/ and the cache are good: the push reads back, repairs
+    push_version(project, CFG)  # data/ and the cache are good: the push reads back, repairs
     assert remote_status(project, CFG, sample=None).problems() == ""
 
 
@@ -169,7 +177,7 @@ def test_a_push_from_good_data_replaces_a_corrupt_object(project):
 @pytest.fixture
 def pulled(project):
     """A clone whose data/ holds the recorded version, and its state before any add."""
-    checkout_version(project, CFG)
+    pushed(project)
     return project, snapshot(project)
 
 

@@ -93,7 +93,7 @@ def data_status(
 @data_app.command("pull")
 def data_pull(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
     """Restore data/ to the version data.dvc records, as a run does: dvc pull (the seeded demo
-    dataset where the remote truly lacks it), every file hashed, the remote checked."""
+    dataset where the remote truly lacks it), every file hashed. Reads only: nothing is pushed."""
     from phi3ops.data.versions import checkout_version
 
     paths = ProjectPaths(root)

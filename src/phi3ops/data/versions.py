@@ -201,7 +201,9 @@ def _discard_bad_pull(repo: Repo, data_dir: Path, dvc_file: Path) -> None:
 
 
 def checkout_version(root: Path, cfg: DataConfig, rev: str | None = None) -> DatasetVersion:
-    """The verified files of the version data.dvc names (at `rev`, or in the work tree)."""
+    """The verified files of the version data.dvc names (at `rev`, or in the work tree). It
+    reads: data/ missing is pulled (or, where the remote truly lacks it, the seeded demo is
+    regenerated into the cache); it never records a version or pushes (`push_version`)."""
     if rev is not None:
         return _checkout_rev(root, cfg, rev)
     data_dir, dvc_file = root / cfg.path, root / cfg.dvc_file
@@ -216,11 +218,17 @@ def checkout_version(root: Path, cfg: DataConfig, rev: str | None = None) -> Dat
             with open_repo(root) as repo:
                 _discard_bad_pull(repo, data_dir, dvc_file)
         raise
-    if cfg.push:
-        with open_repo(root) as repo, quiet_dvc():
-            push_verified(repo, dvc_file)
     n_rows, n_files = count_rows(data_dir)
     return DatasetVersion(md5, git_rev(root), str(data_dir), n_rows, n_files, source)
+
+
+def push_version(root: Path, cfg: DataConfig) -> None:
+    """The remote holds the version data.dvc records, every object read back (nothing to do
+    with `data.push: false`). A retrain pushes before it trains, so that any version it
+    registers can be pulled, and reproduced, elsewhere."""
+    if cfg.push:
+        with open_repo(root) as repo, quiet_dvc():
+            push_verified(repo, root / cfg.dvc_file)
 
 
 def _checkout_rev(root: Path, cfg: DataConfig, rev: str) -> DatasetVersion:
