@@ -150,7 +150,3 @@ class LocalSteps:
     def show(self, key: str, text: str, table: list[dict] | None = None) -> None:
         if table is None:
             self.log.info("%s:\n%s", key, text)
-
-    def __repr__(self) -> str:  # how a Prefect task run lists its `self` parameter
-        return type(self).__name__
-
