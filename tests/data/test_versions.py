@@ -65,6 +65,12 @@ def remote_files(root):
     return sorted(p for p in (root / ".dvc-remote").rglob("*") if p.is_file())
 
 
+def lose_local_copy(project):
+    """data/ and the DVC cache gone: the version is only on the remote, as in a fresh clone."""
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+
+
 def commit(root, message):
     git(root, "add", "-A")
     git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
@@ -86,8 +92,7 @@ def test_fresh_clone_regenerates_demo_data_with_the_recorded_md5(project):
 def test_missing_data_is_pulled_from_the_remote(project):
     checkout_version(project, CFG)
     push_version(project, CFG)
-    shutil.rmtree(project / "data")
-    shutil.rmtree(project / ".dvc" / "cache")
+    lose_local_copy(project)
     assert checkout_version(project, CFG).source == "pulled"
 
 
@@ -220,8 +225,7 @@ def test_a_user_version_missing_everywhere_is_not_replaced_by_the_demo(project):
     checkout_version(project, CFG)
     (project / "data" / "extra.jsonl").write_text(row("Hi", "Hello.") + "\n")
     version, _ = record_version(project, DataConfig(push=False))  # recorded, never pushed
-    shutil.rmtree(project / "data")
-    shutil.rmtree(project / ".dvc" / "cache")
+    lose_local_copy(project)
     with pytest.raises(DataError, match="does not record the demo dataset"):
         checkout_version(project, CFG)
     assert recorded_md5(project / "data.dvc") == version.md5

@@ -25,7 +25,7 @@ from phi3ops.data.versions import (
 from phi3ops.errors import InvalidDataError
 from tests.conftest import REPO
 from tests.data.test_s3_remote import BUCKET, PREFIX, dvc, s3, s3_endpoint  # noqa: F401 (moto S3)
-from tests.data.test_versions import tiny_models  # noqa: F401 (no model: these tests never load one)
+from tests.data.test_versions import lose_local_copy, tiny_models  # noqa: F401 (no model: these tests never load one)
 
 CFG = DataConfig()
 ROW = json.dumps({"messages": [{"role": "user", "content": "What is DVC?"},
@@ -77,8 +77,7 @@ def test_a_corrupt_remote_object_is_named_never_regenerated_over(project):
     pushed(project)
     obj = remote_object(project)
     flip_a_byte(obj)
-    shutil.rmtree(project / "data")
-    shutil.rmtree(project / ".dvc" / "cache")
+    lose_local_copy(project)
     with pytest.raises(DataError, match="corrupt") as err:
         checkout_version(project, CFG)
     message = str(err.value)
@@ -100,8 +99,7 @@ def test_a_corrupt_remote_object_is_named_never_regenerated_over(project):
 def test_a_corrupt_directory_manifest_on_the_remote_is_named(project):
     pushed(project)
     flip_a_byte(remote_object(project, manifest=True), at=5)
-    shutil.rmtree(project / "data")
-    shutil.rmtree(project / ".dvc" / "cache")
+    lose_local_copy(project)
     with pytest.raises(DataError, match=r"data/ \(directory manifest\): .* is corrupt"):
         checkout_version(project, CFG)
     assert not (project / "data").exists()
@@ -113,8 +111,7 @@ def test_a_remote_without_verify_hands_over_corrupt_files_and_they_are_named(pro
     pushed(project)
     obj = remote_object(project)
     flip_a_byte(obj)
-    shutil.rmtree(project / "data")
-    shutil.rmtree(project / ".dvc" / "cache")
+    lose_local_copy(project)
     with pytest.raises(DataError, match=r"data/conversations\.jsonl: .* is corrupt"):
         checkout_version(project, CFG)  # DVC pulled it unchecked; the md5 check caught it
     assert not (project / "data").exists(), "the corrupt pull is not left in data/"
@@ -156,8 +153,7 @@ def test_a_corrupt_object_on_s3_is_found_through_the_same_code(project, request)
     client.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
     [bad] = remote_status(project, CFG, sample=None).corrupt
     assert bad.url == f"s3://{BUCKET}/{key}" and bad.file == "data/conversations.jsonl"
-    shutil.rmtree(project / "data")
-    shutil.rmtree(project / ".dvc" / "cache")
+    lose_local_copy(project)
     with pytest.raises(DataError, match=f"s3://{BUCKET}/{key} is corrupt"):
         checkout_version(project, CFG)
     assert not (project / "data").exists()
