@@ -47,7 +47,7 @@ import flows.retrain as retrain_flow  # noqa: E402
 from phi3ops import pipeline  # noqa: E402
 from phi3ops.config import ProjectPaths, load_config, load_mlflow_config  # noqa: E402
 from phi3ops.model.base_model import ensure_tiny_model  # noqa: E402
-from phi3ops.registry.store import connect  # noqa: E402
+from phi3ops.registry.client import Registry  # noqa: E402
 from phi3ops.steps import Run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def one_round() -> dict:
         cfg = load_config(root / "pipelines" / "tiny-cpu.yaml")
         ensure_tiny_model(cfg.model.tiny, ProjectPaths(root).models)
         start = time.perf_counter()  # a project's first MLflow call creates and migrates its DB
-        connect(load_mlflow_config(root / "mlflow.yaml").resolved(root))
+        _ = Registry(load_mlflow_config(root / "mlflow.yaml").resolved(root)).experiment_id
         first_db = time.perf_counter() - start
         stages_only(root, "warm-up")  # imports and file caches warm, as for the flow after it
         plain = stages_only(root, "plain")

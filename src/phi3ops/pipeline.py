@@ -19,6 +19,7 @@ from phi3ops.config import MlflowConfig, PipelineConfig, ProjectPaths, sha256_js
 from phi3ops.data.preprocess import PreprocessResult
 from phi3ops.data.versions import DatasetVersion
 from phi3ops.registry import code_version, promotion, runs, store
+from phi3ops.registry.client import Registry
 from phi3ops.steps import LocalSteps, Publishing, Run, Steps
 from phi3ops.train.launch import LOG_FILE
 
@@ -52,18 +53,20 @@ def start(paths: ProjectPaths, cfg: PipelineConfig, mcfg: MlflowConfig) -> tuple
     from phi3ops.model.preflight import preflight
 
     checked = preflight(cfg, paths.models)
-    run_id = runs.start_run(mcfg, cfg, run_name=f"retrain-{cfg.name}")
+    registry = Registry(mcfg)
+    run_id = runs.start_run(registry, cfg, run_name=f"retrain-{cfg.name}")
     code = code_version.current(paths.root)
-    runs.log_tags(run_id, {"phi3ops.code_git_rev": code.git_rev,
+    runs.log_tags(registry, run_id, {"phi3ops.code_git_rev": code.git_rev,
                            "phi3ops.code_hash": code.hash, "phi3ops.env_lock": code.env_lock})
-    return Run(paths, cfg, mcfg, run_id, code, checked), runs.close_dead_runs(mcfg, run_id)
+    return (Run(paths, cfg, registry, run_id, code, checked),
+            runs.close_dead_runs(registry, run_id))
 
 
 def checkout(run: Run, data_rev: str | None = None, steps: Steps = LOCAL) -> DatasetVersion:
     """The dataset version data.dvc names (at `data_rev`, or in the work tree), verified."""
     dataset = steps.checkout(run, data_rev)
     if run.run_id:
-        runs.log_tags(run.run_id, {"phi3ops.dataset_md5": dataset.md5,
+        runs.log_tags(run.registry, run.run_id, {"phi3ops.dataset_md5": dataset.md5,
                                    "phi3ops.data_git_rev": dataset.git_rev,
                                    "phi3ops.data_rev": data_rev or "work tree"})
     return dataset
@@ -82,29 +85,31 @@ def prepare(run: Run, dataset: DatasetVersion, steps: Steps = LOCAL) -> Prepared
     if run.run_id:
         from phi3ops.data import mlflow_datasets
 
-        runs.log_preprocess(run.run_id, prep)
-        mlflow_datasets.log_splits(run.run_id, prepared.splits(run))
+        runs.log_preprocess(run.registry, run.run_id, prep)
+        mlflow_datasets.log_splits(run.registry.client, run.run_id, prepared.splits(run))
     return prepared
 
 
 def run_dir(run: Run, dataset_md5: str) -> Path:
     """Where a run trains: one directory per (model, data, config, code), so the rerun of a
     killed run resumes from its newest complete checkpoint."""
-    return run.paths.runs / sha256_json([run.mlflow.registered_model, dataset_md5,
+    return run.paths.runs / sha256_json([run.registry.model, dataset_md5,
                                          run.cfg.config_hash(), run.code.hash])[:16]
 
 
 def fit(run: Run, prepared: Prepared, out_dir: Path, steps: Steps = LOCAL):
     """Train the adapter in child process(es); resumes from out_dir's newest checkpoint."""
     if run.run_id:
-        runs.log_tags(run.run_id, {"phi3ops.run_dir": str(out_dir)})
+        runs.log_tags(run.registry, run.run_id, {"phi3ops.run_dir": str(out_dir)})
     trained = steps.train(run, prepared.data_dir, out_dir)
     if run.run_id:
         from phi3ops.train.throughput import loss_curve
 
         if trained.resumed_from:
-            runs.log_tags(run.run_id, {"phi3ops.resumed_from": trained.resumed_from})
-        runs.log_figure(run.run_id, loss_curve(trained.history), "train/loss_curve.png")
+            runs.log_tags(run.registry, run.run_id,
+                          {"phi3ops.resumed_from": trained.resumed_from})
+        runs.log_figure(run.registry, run.run_id, loss_curve(trained.history),
+                        "train/loss_curve.png")
     return trained
 
 
@@ -113,8 +118,9 @@ def score(run: Run, prepared: Prepared, adapter_dir: Path, champion=None,
     """Base, tuned and (given) champion on the same held-out conversations; logged to the run."""
     scores = steps.evaluate(run, prepared.data_dir, adapter_dir, champion)
     if run.run_id:
-        runs.log_metrics(run.run_id, scores.flat(), dataset=prepared.splits(run)["evaluation"])
-        runs.log_samples(run.run_id, scores.samples, "eval/samples.json")
+        runs.log_metrics(run.registry, run.run_id, scores.flat(),
+                         dataset=prepared.splits(run)["evaluation"])
+        runs.log_samples(run.registry, run.run_id, scores.samples, "eval/samples.json")
     return scores
 
 
@@ -122,7 +128,7 @@ def data_drift(run: Run, dataset: DatasetVersion) -> str | None:
     """How the data differs from the champion's, as markdown (None: same data, or no champion)."""
     from phi3ops.data import drift
 
-    champion = store.alias_version(run.mlflow, run.mlflow.champion_alias)
+    champion = run.registry.alias(run.registry.config.champion_alias)
     if champion is None or champion.tags.get("phi3ops.dataset_md5") in (None, dataset.md5):
         return None
     diff = drift.diff_against_rev(run.paths.root, run.cfg.data,
@@ -130,7 +136,7 @@ def data_drift(run: Run, dataset: DatasetVersion) -> str | None:
                                   champion.tags["phi3ops.dataset_md5"], Path(dataset.path))
     if diff is None:
         return None
-    runs.log_text(run.run_id, diff.markdown(), "data/drift.md")
+    runs.log_text(run.registry, run.run_id, diff.markdown(), "data/drift.md")
     return diff.markdown()
 
 
@@ -159,7 +165,7 @@ class Retrain:
         try:
             return self.stages(data_rev, force)
         except BaseException as e:
-            runs.end_run(self.run.run_id, failed=True)
+            runs.end_run(self.run.registry, self.run.run_id, failed=True)
             before = self.published.aliases_before if self.published else None
             self.steps.show("retrain-failure", report.failure(self.run, self.stage, e, before))
             raise
@@ -174,10 +180,10 @@ class Retrain:
         if data_rev is None:  # the work tree's version: on the remote before it is trained on
             steps.push(run)
         same = None if force else store.already_decided(
-            run.mlflow, dataset.md5, run.cfg.config_hash(), run.code.hash)
+            run.registry, dataset.md5, run.cfg.config_hash(), run.code.hash)
         if same is not None:  # training again would repeat that version
             result, markdown = report.nothing_changed(run, same, dataset.md5)
-            runs.end_skipped(run.run_id, result["reason"])
+            runs.end_skipped(run.registry, run.run_id, result["reason"])
             steps.show("retrain-summary", markdown)
             log.info(result["reason"])
             return result
@@ -198,21 +204,22 @@ class Retrain:
         if trained.resumed_from:
             log.info("training resumed from %s", trained.resumed_from)
         self.at("evaluate")
-        champion = store.load_champion(run.mlflow)
+        champion = store.load_champion(run.registry)
         scores = score(run, prepared, Path(trained.adapter_dir),
                        champion[1] if champion else None, steps)
         steps.show("sample-answers", "first held-out answers of each model",
                    table=scores.samples[:20])
         metrics = scores.flat()
         requirements_checked.join()
-        self.published = Publishing(run.mlflow, run.run_id, promotion.alias_snapshot(run.mlflow),
+        self.published = Publishing(run.registry, run.run_id,
+                                    promotion.alias_snapshot(run.registry),
                                     champion[0] if champion else None)
         with steps.publishing(self.published) as state:
             version, decision = self.publish(prepared, trained, metrics, state)
-        runs.end_run(run.run_id)
+        runs.end_run(run.registry, run.run_id)
         result, markdown = report.summary(run, version, decision, prepared, trained, metrics)
         steps.show("retrain-summary", markdown)
-        log.info("registered %s v%s; %s", run.mlflow.registered_model, version.version,
+        log.info("registered %s v%s; %s", run.registry.model, version.version,
                  decision.reason)
         return result
 
@@ -227,7 +234,7 @@ class Retrain:
         candidate = store.Candidate(
             made_by, metrics, Path(trained.adapter_dir), base_dir if base_dir.is_dir() else None,
             run.cfg.evaluation.max_new_tokens, card=store.model_card(run.cfg, made_by, metrics),
-            about=promotion.model_description(run.mlflow, run.cfg.model.name_or_path),
+            about=promotion.model_description(run.registry.config, run.cfg.model.name_or_path),
             held_out=prepared.splits(run)["evaluation"], evaluated_against=state.champion)
         version = steps.register(run, candidate)
         state.version = version.version

@@ -10,6 +10,7 @@ from mlflow.entities.model_registry import ModelVersion
 from phi3ops.config import MlflowConfig
 from phi3ops.errors import safe_uri
 from phi3ops.registry import promotion
+from phi3ops.registry.client import Registry
 from phi3ops.steps import Run
 
 
@@ -31,12 +32,12 @@ def standing_decision(version: ModelVersion, champion: str | None) -> promotion.
         f"and was {version.tags['promotion.decision']}; left as it is", champion)
 
 
-def aliases_note(mcfg: MlflowConfig, before: dict[str, str | None] | None) -> str:
+def aliases_note(registry: Registry, before: dict[str, str | None] | None) -> str:
     """For the failure report: are the aliases where they were before the run?"""
     if before is None:
         return " No alias moved."
     try:
-        now = promotion.alias_snapshot(mcfg)
+        now = promotion.alias_snapshot(registry)
     except Exception as e:  # the report must not hide the failure it reports
         return f" Could not read the aliases back ({type(e).__name__}); check them."
     if now == before:
@@ -49,13 +50,13 @@ def failure(run: Run, stage: str, error: BaseException,
             aliases_before: dict[str, str | None] | None) -> str:
     return (f"# retrain {run.cfg.name} failed in `{stage}`\n\n```\n{type(error).__name__}: "
             f"{error}\n```\n\nMLflow run `{run.run_id}` is marked FAILED."
-            + aliases_note(run.mlflow, aliases_before) + "\n")
+            + aliases_note(run.registry, aliases_before) + "\n")
 
 
 def summary(run: Run, version: ModelVersion, decision: promotion.PromotionDecision, prepared,
             trained, metrics: dict[str, float]) -> tuple[dict, str]:
     """The flow's result and the markdown of `retrain-summary`."""
-    name, mcfg, run_id = run.cfg.name, run.mlflow, run.run_id
+    name, mcfg, run_id = run.cfg.name, run.registry.config, run.run_id
     metric, prep = mcfg.promotion.metric, prepared.prep
     scored = " | ".join(f"{m} {metrics[f'{m}_{metric}']:.4f}"
                         for m in ("base", "tuned", "champion") if f"{m}_{metric}" in metrics)

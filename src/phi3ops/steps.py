@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from phi3ops.config import MlflowConfig, PipelineConfig, ProjectPaths
+from phi3ops.config import PipelineConfig, ProjectPaths
 from phi3ops.registry import promotion, store
+from phi3ops.registry.client import Registry
 from phi3ops.registry.code_version import CodeVersion
-from phi3ops.retry import with_retries
 
 if TYPE_CHECKING:  # types only: the CLI's light commands import no torch
     from phi3ops.data.preprocess import PreprocessResult
@@ -30,25 +30,25 @@ if TYPE_CHECKING:  # types only: the CLI's light commands import no torch
 @dataclass(frozen=True)
 class Run:
     """What every step of one retrain is given: where, what, and the MLflow run it logs to.
-    Outside the flow (`phi3ops train`) there is no MLflow run: `mlflow` and `run_id` are None."""
+    Outside the flow (`phi3ops train`) there is no MLflow run: `registry` and `run_id` are None."""
 
     paths: ProjectPaths
     cfg: PipelineConfig
-    mlflow: MlflowConfig | None = None
+    registry: Registry | None = None
     run_id: str | None = None
     code: CodeVersion | None = None  # the commit and hash of what runs: part of a version's key
     checked: Preflight | None = None  # machine, weights and template, checked before any data
 
     @property
     def tracking_uri(self) -> str | None:
-        return self.mlflow.tracking_uri if self.mlflow else None
+        return self.registry.uri if self.registry else None
 
 
 @dataclass
 class Publishing:
     """What registration and promotion did so far: all a rollback reads."""
 
-    mlflow: MlflowConfig
+    registry: Registry
     run_id: str
     aliases_before: dict[str, str | None]
     champion: str | None  # the version the candidate was scored against
@@ -57,15 +57,14 @@ class Publishing:
 
     def undo_register(self) -> None:
         """`@challenger` back where it was. The version stays: a rerun finds it by its key."""
-        with_retries("put @challenger back", lambda: promotion.undo_challenger(
-            self.mlflow, self.aliases_before, self.version), self.mlflow.retry)
+        self.registry.retried("put @challenger back", lambda: promotion.undo_challenger(
+            self.registry, self.aliases_before, self.version))
 
     def undo_promote(self) -> None:
         """`@champion` and `@previous-champion` back where they were."""
         reason = f"run {self.run_id} failed after promoting it; rolled back"
-        with_retries("put @champion back", lambda: promotion.undo_promotion(
-            self.mlflow, self.aliases_before, self.version, reason, by=f"run {self.run_id}"),
-            self.mlflow.retry)
+        self.registry.retried("put @champion back", lambda: promotion.undo_promotion(
+            self.registry, self.aliases_before, self.version, reason, by=f"run {self.run_id}"))
 
 
 class Steps(Protocol):
@@ -123,7 +122,7 @@ class LocalSteps:
                                 run.paths.models, champion=champion)
 
     def register(self, run: Run, candidate: store.Candidate):
-        return store.register_adapter(run.mlflow, run.run_id, candidate)
+        return store.register_adapter(run.registry, run.run_id, candidate)
 
     def merge(self, run: Run, adapter_dir: Path, out_dir: Path) -> Path:
         from phi3ops.model.inference import merge_adapter  # torch and peft: only when asked
@@ -131,10 +130,10 @@ class LocalSteps:
         return merge_adapter(run.cfg.model, adapter_dir, out_dir, run.paths.models)
 
     def promote(self, run: Run, version: str) -> promotion.PromotionDecision:
-        return promotion.promote(run.mlflow, version, by=f"run {run.run_id}")
+        return promotion.promote(run.registry, version, by=f"run {run.run_id}")
 
     def record(self, run: Run, decision: promotion.PromotionDecision) -> None:
-        promotion.record(run.mlflow, run.run_id, decision)
+        promotion.record(run.registry, run.run_id, decision)
 
     @contextmanager
     def publishing(self, state: Publishing) -> Iterator[Publishing]:

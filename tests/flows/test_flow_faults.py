@@ -23,6 +23,7 @@ from phi3ops import locking
 from phi3ops.config import load_mlflow_config
 from phi3ops.errors import BusyError, RegistryError
 from phi3ops.registry import promotion
+from phi3ops.registry.client import Registry
 from tests.conftest import own_model
 
 pytestmark = pytest.mark.slow
@@ -93,10 +94,10 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
     # after the alias move. The transaction puts every alias back and the run is FAILED.
     real_log_tags = promotion.log_tags
 
-    def unreachable(run_id, tags):
+    def unreachable(registry, run_id, tags):
         if "phi3ops.promotion" in tags:
             raise RegistryError("could not tag the run: MLflow unreachable")
-        real_log_tags(run_id, tags)
+        real_log_tags(registry, run_id, tags)
 
     monkeypatch.setattr(promotion, "log_tags", unreachable)
     failed = flow(root=str(project), return_state=True)
@@ -107,8 +108,8 @@ def test_one_retrain_per_model_and_a_failed_promotion_rolls_back(project, mlflow
     assert new.version == "2"
     assert new.tags["promotion.decision"] == "rolled-back", "it had been promoted, then undone"
     assert "failed after promoting it" in new.tags["promotion.reason"]
-    mcfg = load_mlflow_config(project / "mlflow.yaml").resolved(project)
-    assert promotion.alias_snapshot(mcfg) == {"champion": "1", "previous-champion": None,
+    registry = Registry(load_mlflow_config(project / "mlflow.yaml").resolved(project))
+    assert promotion.alias_snapshot(registry) == {"champion": "1", "previous-champion": None,
                                               "challenger": "1"}
     failed_run = client.get_run(new.run_id)
     assert failed_run.info.status == "FAILED"

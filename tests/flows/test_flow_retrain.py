@@ -107,7 +107,7 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert not [k for k in tags if k.startswith("metric.")]
     assert "only if it beats the base" in client.get_registered_model(MODEL).description
 
-    mlflow.set_tracking_uri(mlflow_server)
+    # MLflow's own loader, pointed at the server by MLFLOW_TRACKING_URI as a user's would be.
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     assert "Paris" in model.predict(QUESTION)[0]
 

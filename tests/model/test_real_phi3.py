@@ -2,6 +2,7 @@
 local Phi-3 directory with either Phi-3 template trains and registers on the first attempt, and
 the phi3-vocab-cpu profile runs whole."""
 
+import os
 import re
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def local_phi3_directory(path, tokenizer_dir, template: str):
 
 
 def attempts(run_id: str) -> int:
-    run_dir = Path(MlflowClient().get_run(run_id).data.tags["phi3ops.run_dir"])
+    """How often the run's training started, from its log (MLflow as MLFLOW_TRACKING_URI says)."""
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    run_dir = Path(run.data.tags["phi3ops.run_dir"])
     log = (run_dir / "train.log").read_text()
     return len(re.findall(r"training \d+ of \d+ parameters", log))
 

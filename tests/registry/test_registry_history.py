@@ -5,16 +5,14 @@ import re
 import uuid
 
 import pytest
-from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
 from phi3ops.config import load_mlflow_config
+from phi3ops.registry.client import Registry
 from phi3ops.registry.promotion import history, promote, rollback
-from phi3ops.registry.runs import connect
 from phi3ops.registry.store import (
     Candidate,
     Lineage,
-    alias_version,
     already_decided,
     register_adapter,
 )
@@ -27,17 +25,17 @@ STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 "
 
 
 @pytest.fixture
-def cfg(mlflow_server, monkeypatch, tmp_path):
+def cfg(mlflow_server, monkeypatch, tmp_path) -> Registry:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = f"history-{uuid.uuid4().hex[:8]}"
-    return load_mlflow_config(REPO / "mlflow.yaml", [f"registered_model={name}"]).resolved(tmp_path)
+    return Registry(load_mlflow_config(REPO / "mlflow.yaml", [f"registered_model={name}"])
+                    .resolved(tmp_path))
 
 
 @pytest.fixture
 def register(cfg, adapter):
     """register(config_hash, rougeL): the tiny adapter, registered by one run as phi3ops does."""
-    experiment_id = connect(cfg)  # first: it points the client at that server
-    run_id = MlflowClient().create_run(experiment_id).info.run_id
+    run_id = cfg.client.create_run(cfg.experiment_id).info.run_id
 
     def register(config_hash: str, rougeL: float) -> ModelVersion:
         lineage = Lineage(**{**LINEAGE.__dict__, "config_hash": config_hash})
@@ -50,7 +48,7 @@ def register(cfg, adapter):
 
 def test_a_rerun_leaves_decisions_and_aliases_and_nothing_changed_finds_any_version(
         cfg, register):
-    client = MlflowClient()
+    client = cfg.client
     v1 = register("c1", 0.6)
     assert already_decided(cfg, "d1.dir", "c1", "h1") is None, "registered, not yet decided"
     assert promote(cfg, v1.version, by="run one").promoted
@@ -59,17 +57,17 @@ def test_a_rerun_leaves_decisions_and_aliases_and_nothing_changed_finds_any_vers
     # Not the champion, but decided: the same data, config and code would only repeat it.
     assert already_decided(cfg, "d1.dir", "c2", "h1").version == v2.version
     assert already_decided(cfg, "d1.dir", "c2", "h2") is None, "other code never matches"
-    before = client.get_model_version(cfg.registered_model, v1.version).tags
+    before = client.get_model_version(cfg.model, v1.version).tags
 
     again = register("c1", 0.9)  # a forced rerun of v1's inputs
     assert again.version == v1.version
-    assert client.get_model_version(cfg.registered_model, v1.version).tags == before
-    assert alias_version(cfg, "challenger").version == v2.version, "not moved back to v1"
-    assert alias_version(cfg, "champion").version == v1.version
+    assert client.get_model_version(cfg.model, v1.version).tags == before
+    assert cfg.alias("challenger").version == v2.version, "not moved back to v1"
+    assert cfg.alias("champion").version == v1.version
 
 
 def test_the_history_of_a_version_is_only_ever_added_to(cfg, register):
-    client = MlflowClient()
+    client = cfg.client
     v1 = register("c1", 0.5).version
     promote(cfg, v1, by="run one")
     v2 = register("c2", 0.7).version
@@ -79,7 +77,7 @@ def test_the_history_of_a_version_is_only_ever_added_to(cfg, register):
     promote(cfg, v3, by="run three")
 
     def events(version: str) -> list[str]:
-        entries = history(client.get_model_version(cfg.registered_model, version))
+        entries = history(client.get_model_version(cfg.model, version))
         assert all(re.match(STAMP, e) for e in entries), entries
         return [re.sub(STAMP, "", e) for e in entries]
 

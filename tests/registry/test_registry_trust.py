@@ -9,11 +9,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow import MlflowClient
 
 from phi3ops.config import file_sha256, load_mlflow_config
 from phi3ops.errors import RegistryError
-from phi3ops.registry.runs import connect
+from phi3ops.registry.client import Registry
 from phi3ops.registry.store import (
     Candidate,
     Lineage,
@@ -36,14 +35,13 @@ def root(tmp_path, mlflow_server, monkeypatch) -> Path:
     return tmp_path
 
 
-def settings(root: Path):
-    return load_mlflow_config(root / "mlflow.yaml").resolved(root)
+def settings(root: Path) -> Registry:
+    return Registry(load_mlflow_config(root / "mlflow.yaml").resolved(root))
 
 
-def register_genuine(cfg, adapter, config_hash: str = "c1") -> tuple[str, str]:
+def register_genuine(cfg: Registry, adapter, config_hash: str = "c1") -> tuple[str, str]:
     """(version, run id) registered the way the flow registers a trained adapter."""
-    experiment_id = connect(cfg)  # first: it points the client at that server
-    run_id = MlflowClient().create_run(experiment_id).info.run_id
+    run_id = cfg.client.create_run(cfg.experiment_id).info.run_id
     lineage = Lineage(dataset_md5="abc.dir", data_git_rev="r1", config_hash=config_hash,
                       code_git_rev="r1", code_hash="h1", env_lock="l1", pipeline="tiny-cpu",
                       base_model="tiny-phi3")
@@ -52,7 +50,7 @@ def register_genuine(cfg, adapter, config_hash: str = "c1") -> tuple[str, str]:
     return version.version, run_id
 
 
-def register_evil(cfg, marker: Path, alias: str, tags: dict | None = None) -> str:
+def register_evil(cfg: Registry, marker: Path, alias: str, tags: dict | None = None) -> str:
     """Someone else's cloudpickled PythonModel under phi3ops' model name: loading it through
     MLflow runs its code, which writes `marker`."""
 
@@ -64,12 +62,11 @@ def register_evil(cfg, marker: Path, alias: str, tags: dict | None = None) -> st
             marker.write_text("predict ran")
             return ["pwned"]
 
-    connect(cfg)
-    with mlflow.start_run():
+    with cfg.as_process_default(), mlflow.start_run(experiment_id=cfg.experiment_id):
         info = mlflow.pyfunc.log_model(name="evil", python_model=Evil(),
                                        pip_requirements=["mlflow"])
-    version = mlflow.register_model(info.model_uri, cfg.registered_model, tags=tags).version
-    MlflowClient().set_registered_model_alias(cfg.registered_model, alias, version)
+        version = mlflow.register_model(info.model_uri, cfg.model, tags=tags).version
+    cfg.client.set_registered_model_alias(cfg.model, alias, version)
     marker.unlink(missing_ok=True)
     return version
 
@@ -83,34 +80,34 @@ def test_chat_never_runs_code_someone_else_registered(root, tmp_path):
     evil = register_evil(cfg, marker, "evil")
     result = phi3ops("chat", "--alias", "evil", "hi", "--root", str(root))
     error = one_paragraph(result)
-    assert f"refusing {cfg.registered_model} v{evil}: it lacks phi3ops' registration tags" in error
+    assert f"refusing {cfg.model} v{evil}: it lacks phi3ops' registration tags" in error
     assert "pwned" not in result.stdout and not marker.exists()
 
     # With phi3ops' tags forged, its MLmodel still gives it away.
     forged = register_evil(cfg, marker, "forged", FORGED)
     error = one_paragraph(phi3ops("chat", "--alias", "forged", "hi", "--root", str(root)))
-    assert f"refusing {cfg.registered_model} v{forged}" in error
+    assert f"refusing {cfg.model} v{forged}" in error
     assert "not models-from-code" in error and "pickled python_model" in error
     assert not marker.exists()
 
 
 def test_the_champion_loader_refuses_it_too(root, tmp_path):
     cfg, marker = settings(root), tmp_path / "marker"
-    register_evil(cfg, marker, cfg.champion_alias, FORGED)
+    register_evil(cfg, marker, cfg.config.champion_alias, FORGED)
     with pytest.raises(RegistryError, match="pickled python_model"):
         load_champion(cfg)
     assert not marker.exists()
     # What the flow did before: MLflow's loader runs the version's code.
-    mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}@{cfg.champion_alias}")
+    mlflow.pyfunc.load_model(f"models:/{cfg.model}@{cfg.config.champion_alias}")
     assert marker.read_text() == "load_context ran"
 
 
 def test_a_genuine_version_loads_and_answers(root, adapter):
     cfg = settings(root)
     version, run_id = register_genuine(cfg, adapter)
-    MlflowClient().set_registered_model_alias(cfg.registered_model, "champion", version)
-    manifest = json.loads(MlflowClient().get_model_version(
-        cfg.registered_model, version).tags[MANIFEST_TAG])
+    cfg.client.set_registered_model_alias(cfg.model, "champion", version)
+    manifest = json.loads(cfg.client.get_model_version(
+        cfg.model, version).tags[MANIFEST_TAG])
     adapter_dir, base_dir = adapter
     assert manifest["adapter/adapter_model.safetensors"] == file_sha256(
         adapter_dir / "adapter_model.safetensors")
@@ -121,9 +118,9 @@ def test_a_genuine_version_loads_and_answers(root, adapter):
     assert champion_version == version and tokenizer.chat_template
     assert check_registered(cfg, f"runs:/{run_id}/adapter").version == version
     # One loading implementation: phi3ops' trusted load and MLflow's pyfunc answer alike.
-    reply = load_registered(cfg, f"models:/{cfg.registered_model}/{version}").answer(
+    reply = load_registered(cfg, f"models:/{cfg.model}/{version}").answer(
         [QUESTION["messages"]])[0]
-    deployed = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}/{version}")
+    deployed = mlflow.pyfunc.load_model(f"models:/{cfg.model}/{version}")
     assert deployed.predict(QUESTION)[0] == reply and reply
 
     chat = phi3ops("chat", "What is the capital of France?", "--root", str(root))
@@ -132,10 +129,11 @@ def test_a_genuine_version_loads_and_answers(root, adapter):
 
 
 def test_files_changed_after_registration_are_refused(root, adapter, tmp_path):
-    cfg, client = settings(root), MlflowClient()
+    cfg = settings(root)
+    client = cfg.client
     version, _ = register_genuine(cfg, adapter)
     # A byte flipped in the artifact store, written back through MLflow's own API.
-    model_id = client.get_model_version(cfg.registered_model, version).source.removeprefix(
+    model_id = client.get_model_version(cfg.model, version).source.removeprefix(
         "models:/")
     weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes((adapter[0] / "adapter_model.safetensors").read_bytes())
@@ -144,28 +142,29 @@ def test_files_changed_after_registration_are_refused(root, adapter, tmp_path):
     weights.write_bytes(bytes(data))
     client.log_model_artifact(model_id, str(weights), "artifacts/adapter")
     with pytest.raises(RegistryError, match=r"changed \['adapter/adapter_model\.safetensors'\]"):
-        load_registered(cfg, f"models:/{cfg.registered_model}/{version}")
+        load_registered(cfg, f"models:/{cfg.model}/{version}")
 
     # Files as registered, but a hash tag that does not match them.
     other, _ = register_genuine(cfg, adapter, config_hash="c2")
-    manifest = json.loads(client.get_model_version(cfg.registered_model, other).tags[
+    manifest = json.loads(client.get_model_version(cfg.model, other).tags[
         MANIFEST_TAG])
     manifest["base_model/model.safetensors"] = "0" * 64
-    client.set_model_version_tag(cfg.registered_model, other, MANIFEST_TAG, json.dumps(manifest))
+    client.set_model_version_tag(cfg.model, other, MANIFEST_TAG, json.dumps(manifest))
     with pytest.raises(RegistryError, match=r"changed \['base_model/model\.safetensors'\]"):
-        load_registered(cfg, f"models:/{cfg.registered_model}/{other}")
+        load_registered(cfg, f"models:/{cfg.model}/{other}")
 
 
 def test_a_version_registered_before_hashes_loads_once_trusted(root, adapter):
-    cfg, client = settings(root), MlflowClient()
+    cfg = settings(root)
+    client = cfg.client
     version, _ = register_genuine(cfg, adapter)
-    client.delete_model_version_tag(cfg.registered_model, version, MANIFEST_TAG)
+    client.delete_model_version_tag(cfg.model, version, MANIFEST_TAG)
     with pytest.raises(RegistryError, match=f"phi3ops trust --version {version}"):
-        load_registered(cfg, f"models:/{cfg.registered_model}/{version}")
+        load_registered(cfg, f"models:/{cfg.model}/{version}")
 
     trusted = phi3ops("trust", "--version", version, "--root", str(root))
     assert trusted.returncode == 0, trusted.stderr
-    assert load_registered(cfg, f"models:/{cfg.registered_model}/{version}").answer(
+    assert load_registered(cfg, f"models:/{cfg.model}/{version}").answer(
         [QUESTION["messages"]])
     again = one_paragraph(phi3ops("trust", "--version", version, "--root", str(root)))
     assert "already has its files' hashes" in again
@@ -198,8 +197,8 @@ def test_the_adapter_and_the_merged_model_load_in_a_venv_built_from_their_requir
                       base_model="tiny-phi3")
     merged = register_adapter(cfg, run_id, Candidate(
         lineage, {"tuned_rougeL": 0.5}, None, merged_dir, max_new_tokens=8, artifact_type="merged"))
-    uris = [f"models:/{cfg.registered_model}/{version}",
-            f"models:/{cfg.registered_model}-merged/{merged.version}"]
+    uris = [f"models:/{cfg.model}/{version}",
+            f"models:/{cfg.model}-merged/{merged.version}"]
     requirements = mlflow.artifacts.download_artifacts(f"{uris[0]}/requirements.txt",
                                                        dst_path=str(tmp_path / "req"))
     assert "phi3ops" not in Path(requirements).read_text()
@@ -211,7 +210,7 @@ def test_the_adapter_and_the_merged_model_load_in_a_venv_built_from_their_requir
                               requirements], capture_output=True, text=True, timeout=1200)
     assert install.returncode == 0, install.stderr[-3000:]
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path),
-           "MLFLOW_TRACKING_URI": cfg.tracking_uri, "HF_HUB_OFFLINE": "1"}
+           "MLFLOW_TRACKING_URI": cfg.uri, "HF_HUB_OFFLINE": "1"}
     assert subprocess.run([python, "-c", "import phi3ops"], env=env, cwd=tmp_path,
                           capture_output=True).returncode != 0, "phi3ops is not in that venv"
     answered = subprocess.run([python, "-c", ANSWER_FROM_THE_REGISTRY, *uris], env=env,

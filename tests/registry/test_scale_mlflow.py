@@ -21,16 +21,16 @@ from mlflow import MlflowClient
 
 import flows.retrain as retrain_flow
 from phi3ops.config import file_sha256, load_mlflow_config
+from phi3ops.registry.client import Registry
 from phi3ops.registry.promotion import promote
-from phi3ops.registry.runs import connect
-from phi3ops.registry.store import Candidate, Lineage, alias_version, register_adapter
+from phi3ops.registry.store import Candidate, Lineage, register_adapter
 from phi3ops.registry.trusted_load import MANIFEST_TAG
 from tests.conftest import new_project, own_model
 from tests.registry import test_registry
 from tests.scale_servers import ARTIFACTS_PREFIX, BUCKET, SharedMlflow, moto_s3, shared_mlflow
 
 # The SQLite suite's own fixture and tests, run again here on PostgreSQL (see mlflow_server).
-mlflow_cfg = test_registry.mlflow_cfg
+registry = test_registry.registry
 register = test_registry.register
 test_concurrent_promotions_on_pg = test_registry.test_concurrent_promotions_leave_the_better_version
 test_lock_hammer_on_pg = (
@@ -44,19 +44,10 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Iterator[SharedMlflow]:
-    """The server for this module; afterwards MLflow points where it pointed before (setting a
-    URI also sets its environment variable, which would outlive the server)."""
+    """The server for this module."""
     home = tmp_path_factory.mktemp("mlflow-pg-s3")
-    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     with moto_s3(home) as s3_endpoint, shared_mlflow(home, s3_endpoint) as server:
         yield server
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +117,7 @@ def s3_key(client: MlflowClient, model_id: str, path: str) -> str:
 
 
 def test_retrain_promotes_rejects_and_rolls_back_on_postgres_and_s3(retrained, shared, tmp_path):
-    client, first, second = MlflowClient(), retrained.first, retrained.second
+    client, first, second = MlflowClient(shared.url), retrained.first, retrained.second
     v1, v2 = str(first["version"]), str(second["version"])
     assert first["promoted"] and "first champion" in first["reason"]
     champion = client.get_model_version_by_alias(MODEL, "champion")
@@ -159,17 +150,18 @@ def test_retrain_promotes_rejects_and_rolls_back_on_postgres_and_s3(retrained, s
     assert client.get_model_version_by_alias(MODEL, "challenger").version == v2
 
     # A better version (registered directly: no third training) takes @champion...
-    mcfg = load_mlflow_config(retrained.project / "mlflow.yaml").resolved(retrained.project)
-    v3 = register(mcfg, tuned_rougeL=0.99, base_rougeL=0.01)
-    assert promote(mcfg, v3).promoted
-    assert alias_version(mcfg, "previous-champion").version == v1
+    project = Registry(load_mlflow_config(retrained.project / "mlflow.yaml")
+                       .resolved(retrained.project))
+    v3 = register(project, tuned_rougeL=0.99, base_rougeL=0.01)
+    assert promote(project, v3).promoted
+    assert project.alias("previous-champion").version == v1
     # ...and `phi3ops promote --rollback` puts v1 back.
     rolled = phi3ops_cli(retrained.project, "promote", "--rollback")
     assert rolled.returncode == 0, rolled.stderr
     assert f"v{v3} rolled back by hand; @champion is v{v1} again" in rolled.stdout
-    assert alias_version(mcfg, "champion").version == v1
-    assert alias_version(mcfg, "previous-champion") is None
-    assert alias_version(mcfg, "challenger").version == v2
+    assert project.alias("champion").version == v1
+    assert project.alias("previous-champion") is None
+    assert project.alias("challenger").version == v2
     assert client.get_model_version(MODEL, v3).tags["promotion.decision"] == "rolled-back"
     listed = phi3ops_cli(retrained.project, "models", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -188,7 +180,7 @@ def write_random(path: Path, size: int) -> str:
 
 
 @pytest.mark.parametrize("proxy_multipart", ["advertised", "true"])
-def test_merged_weights_upload_in_parts_and_download_whole(mlflow_cfg, shared, tmp_path,
+def test_merged_weights_upload_in_parts_and_download_whole(registry, shared, tmp_path,
                                                            monkeypatch, proxy_multipart):
     """A merged model registered by phi3ops itself, its weights a 300 MB file: uploaded in
     chunks straight to S3 (presigned by the server), the server advertising that it can
@@ -204,12 +196,12 @@ def test_merged_weights_upload_in_parts_and_download_whole(mlflow_cfg, shared, t
     (weights / "config.json").write_text("{}")
     sha256 = write_random(weights / "model.safetensors", size)
 
-    client = MlflowClient()
-    run_id = client.create_run(connect(mlflow_cfg)).info.run_id
+    client = registry.client
+    run_id = client.create_run(registry.experiment_id).info.run_id
     lineage = Lineage("0" * 32, "rev", "c" * 12, "rev", "h" * 16, "lock", "big", "tiny-phi3")
-    version = register_adapter(mlflow_cfg, run_id, Candidate(
+    version = register_adapter(registry, run_id, Candidate(
         lineage, {"tuned_rougeL": 0.5}, None, weights, max_new_tokens=8, artifact_type="merged"))
-    assert version.name == f"{mlflow_cfg.registered_model}-merged"
+    assert version.name == f"{registry.model}-merged"
 
     in_model = f"artifacts/{weights.name}/model.safetensors"  # pyfunc keeps the folder's name
     key = s3_key(client, version.source.removeprefix("models:/"), in_model)
@@ -236,7 +228,7 @@ def test_no_secret_reaches_runs_versions_logs_or_artifacts(retrained, shared):
     """The database password and the S3 secret live on the server; the client's MLflow password
     is sent with each request. None is in a run, a version, a log or an artifact."""
     secrets = {**shared.secrets, "MLFLOW_TRACKING_PASSWORD": TRACKING_PASSWORD}
-    client, found = MlflowClient(), []
+    client, found = MlflowClient(shared.url), []
     experiments = [e.experiment_id for e in client.search_experiments()]
     for run in client.search_runs(experiments, max_results=1000):
         found += secrets_found(json.dumps([run.data.params, run.data.tags]), secrets,

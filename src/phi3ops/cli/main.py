@@ -32,7 +32,7 @@ from phi3ops.cli.options import (
     Root,
     load_pipeline,
     mlflow_config,
-    mlflow_settings,
+    open_registry,
 )
 from phi3ops.config import ProjectPaths
 from phi3ops.errors import ConfigError, Phi3opsError
@@ -71,7 +71,7 @@ def run(
     paths = ProjectPaths(root)
     # Fail before Prefect starts, with the fix in the message rather than a traceback.
     preflight(load_pipeline(paths, pipeline, overrides), paths.models)
-    mcfg = mlflow_settings(paths, mlflow_timeout)
+    registry = open_registry(paths, mlflow_timeout)
     prefect_ui = use_local_prefect_server()
     retrain = project_flow(paths.root)
     summary = retrain(pipeline=str(pipeline), overrides=overrides, root=str(paths.root),
@@ -79,12 +79,10 @@ def run(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    from mlflow import MlflowClient
-
     from phi3ops.report import brief
 
-    experiment = MlflowClient(mcfg.tracking_uri).get_run(summary["run_id"]).info.experiment_id
-    typer.echo(brief(summary, mcfg, experiment))
+    experiment = registry.client.get_run(summary["run_id"]).info.experiment_id
+    typer.echo(brief(summary, registry.config, experiment))
     typer.echo(f"  Prefect UI: {prefect_ui}" if prefect_ui else
                "  Prefect: this run's server was temporary; start `make prefect-server` first "
                "to keep its artifacts (retrain-summary, sample-answers) in view")
@@ -181,8 +179,8 @@ def evaluate(
     cfg = load_pipeline(paths, pipeline)
     local = Path(model).is_dir()
     if not local:  # a missing or foreign model fails here, before the data is checked out
-        mcfg = mlflow_settings(paths, mlflow_timeout)
-        check_registered(mcfg, model)  # also a bare run id: the adapter that run registered
+        registry = open_registry(paths, mlflow_timeout)
+        check_registered(registry, model)  # also a bare run id: the adapter that run registered
     from phi3ops import pipeline as stages  # the heavy imports, once the model is known good
     from phi3ops.evaluation.scoring import held_out, run_model
     from phi3ops.model.base_model import load_tokenizer
@@ -196,7 +194,7 @@ def evaluate(
         chat_model = (load_adapter_model(cfg.model, Path(model), paths.models),
                       load_tokenizer(cfg.model, paths.models))
     else:
-        chat_model = load_chat_model(mcfg, model)
+        chat_model = load_chat_model(registry, model)
     conversations = held_out(prepared.data_dir, cfg.evaluation)
     _, metrics, _ = run_model(*chat_model, conversations, cfg.evaluation, model)
     if as_json:
@@ -242,10 +240,10 @@ def lineage(
     intervals, and its alias history."""
     from phi3ops.registry import history
 
-    mcfg = mlflow_settings(ProjectPaths(root), mlflow_timeout)
-    found = history.lineage(mcfg, version)
+    registry = open_registry(ProjectPaths(root), mlflow_timeout)
+    found = history.lineage(registry, version)
     typer.echo(json.dumps(found, indent=2) if as_json
-               else history.render_lineage(found, mcfg.promotion.metric))
+               else history.render_lineage(found, registry.config.promotion.metric))
 
 
 @app.command()
@@ -261,7 +259,7 @@ def reproduce(
     from phi3ops.registry.reproduce import reproduce as rebuild
 
     paths = ProjectPaths(root)
-    result = rebuild(mlflow_settings(paths, mlflow_timeout), paths.root, version)
+    result = rebuild(open_registry(paths, mlflow_timeout), paths.root, version)
     typer.echo(json.dumps({**asdict(result), "reproducible": result.reproducible}, indent=2)
                if as_json else result.render())
     if not result.reproducible:
@@ -280,10 +278,11 @@ def promote(
 
     if (version is None) == (not rollback):
         raise ConfigError("give exactly one of --version N and --rollback")
-    mcfg = mlflow_settings(ProjectPaths(root), mlflow_timeout)
+    registry = open_registry(ProjectPaths(root), mlflow_timeout)
     if version is not None:  # it exists, and phi3ops registered it: never crown a foreign one
-        check_registered(mcfg, f"models:/{mcfg.registered_model}/{version}")
-    decision = promotion.rollback(mcfg) if rollback else promotion.promote(mcfg, version)
+        check_registered(registry, f"models:/{registry.model}/{version}")
+    decision = (promotion.rollback(registry) if rollback
+                else promotion.promote(registry, version))
     if rollback:
         typer.echo(decision.reason)
     else:
@@ -301,7 +300,7 @@ def models(
         return
     from phi3ops.registry.history import list_versions, table
 
-    rows = list_versions(mlflow_settings(ProjectPaths(root), mlflow_timeout))
+    rows = list_versions(open_registry(ProjectPaths(root), mlflow_timeout))
     typer.echo(json.dumps(rows, indent=2) if as_json else table(rows))
 
 
@@ -316,8 +315,8 @@ def models_diff(
     from phi3ops.registry.history import diff
 
     paths = ProjectPaths(root)
-    mcfg = mlflow_settings(paths, mlflow_timeout)
-    typer.echo(diff(mcfg, a, b, paths.root, load_pipeline(paths, pipeline).data))
+    registry = open_registry(paths, mlflow_timeout)
+    typer.echo(diff(registry, a, b, paths.root, load_pipeline(paths, pipeline).data))
 
 
 @app.command()
@@ -329,8 +328,8 @@ def trust(
     phi3ops recorded them; later loads check them. Only for files you know are unchanged."""
     from phi3ops.registry.trusted_load import record_manifest
 
-    mcfg = mlflow_settings(ProjectPaths(root), mlflow_timeout)
-    v = record_manifest(mcfg.tracking_uri, f"models:/{mcfg.registered_model}/{version}")
+    registry = open_registry(ProjectPaths(root), mlflow_timeout)
+    v = record_manifest(registry.uri, f"models:/{registry.model}/{version}")
     typer.echo(f"{v.name} v{v.version}: its files' sha256 recorded; loads check them from now on")
 
 

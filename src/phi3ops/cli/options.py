@@ -18,13 +18,15 @@ MlflowTimeout = Annotated[float, typer.Option(
     min=0, help="wait at most this long for an MLflow server that does not answer")]
 
 
-def mlflow_settings(paths: ProjectPaths, timeout_s: float):
-    """mlflow.yaml resolved against the root, once its server answers (or a clear error)."""
+def open_registry(paths: ProjectPaths, timeout_s: float):
+    """The registry mlflow.yaml names (resolved against the root), once its server answers (or
+    a clear error)."""
+    from phi3ops.registry.client import Registry
     from phi3ops.registry.mlflow_wait import wait_for_mlflow
 
     mcfg = mlflow_config(paths)
     wait_for_mlflow(mcfg.tracking_uri, timeout_s)
-    return mcfg
+    return Registry(mcfg)
 
 
 def mlflow_config(paths: ProjectPaths):

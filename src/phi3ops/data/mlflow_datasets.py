@@ -91,7 +91,7 @@ def splits(root: Path, data_path: str, md5: str, git_rev: str, n_train: int,
             "evaluation": SplitDataset(source, f"{name}-held-out", md5, n_test)}
 
 
-def log_splits(run_id: str, datasets: dict[str, SplitDataset]) -> None:
-    MlflowClient().log_inputs(run_id, datasets=[
+def log_splits(client: MlflowClient, run_id: str, datasets: dict[str, SplitDataset]) -> None:
+    client.log_inputs(run_id, datasets=[
         DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(CONTEXT_TAG, context)])
         for context, ds in datasets.items()])

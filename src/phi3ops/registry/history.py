@@ -12,21 +12,20 @@ import difflib
 from datetime import UTC, datetime
 from pathlib import Path
 
-import mlflow
 import yaml
-from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
-from phi3ops.config import DataConfig, MlflowConfig
+from phi3ops.config import DataConfig
 from phi3ops.errors import ConfigError
+from phi3ops.registry.client import Registry
 from phi3ops.registry.promotion import history
-from phi3ops.registry.runs import connect
 from phi3ops.registry.store import version_metrics
 
 
-def key_metric(version: ModelVersion, metric: str) -> str:
+def key_metric(registry: Registry, version: ModelVersion, metric: str) -> str:
     """The tuned model's score and its gain over the base with the 95% interval."""
-    scores = version_metrics(version)
+    scores = version_metrics(registry, version)
     tuned, gain = scores.get(f"tuned_{metric}"), scores.get(f"delta_base_{metric}")
     if tuned is None:
         return "-"
@@ -37,10 +36,9 @@ def key_metric(version: ModelVersion, metric: str) -> str:
     return text
 
 
-def list_versions(mcfg: MlflowConfig) -> list[dict]:
+def list_versions(registry: Registry) -> list[dict]:
     """Each registered version, newest first, with what a user compares versions by."""
-    connect(mcfg)
-    client = MlflowClient()
+    client, mcfg = registry.client, registry.config
     found = client.search_model_versions(f"name='{mcfg.registered_model}'",
                                          order_by=["version_number DESC"])
     if not found:  # also: no registered model of that name yet
@@ -51,7 +49,7 @@ def list_versions(mcfg: MlflowConfig) -> list[dict]:
     return [{
         "version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
         "decision": v.tags.get("promotion.decision", "undecided"),
-        mcfg.promotion.metric: key_metric(v, mcfg.promotion.metric),
+        mcfg.promotion.metric: key_metric(registry, v, mcfg.promotion.metric),
         "data_md5": v.tags.get("phi3ops.dataset_md5", "?")[:12],
         "created": _when(v.creation_timestamp),
     } for v in found]
@@ -68,36 +66,35 @@ def table(rows: list[dict]) -> str:
                      for row in cells)
 
 
-def _version(mcfg: MlflowConfig, number: str) -> ModelVersion:
-    client = MlflowClient()
+def _version(registry: Registry, number: str) -> ModelVersion:
     try:
-        return client.get_model_version(mcfg.registered_model, str(number))
-    except mlflow.exceptions.MlflowException:
-        raise ConfigError(f"{mcfg.registered_model} has no version {number}: `phi3ops models` "
+        return registry.client.get_model_version(registry.model, str(number))
+    except MlflowException:
+        raise ConfigError(f"{registry.model} has no version {number}: `phi3ops models` "
                           "lists the versions") from None
 
 
-def _config_yaml(version: ModelVersion) -> list[str]:
+def _config_yaml(registry: Registry, version: ModelVersion) -> list[str]:
     """The resolved pipeline config its run logged (config.yaml), as lines."""
     run_id = version.tags.get("phi3ops.run_id") or version.run_id
-    text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    text = registry.read_text(f"runs:/{run_id}/config.yaml")
     return yaml.safe_dump(yaml.safe_load(text), sort_keys=True).splitlines()
 
 
-def diff(mcfg: MlflowConfig, a: str, b: str, root: Path, data_cfg: DataConfig) -> str:
+def diff(registry: Registry, a: str, b: str, root: Path, data_cfg: DataConfig) -> str:
     """Metrics (with intervals), the config diff and the data diff of two versions."""
     from phi3ops.data.drift import diff_dirs
     from phi3ops.data.versions import checkout_version
 
-    connect(mcfg)
-    va, vb = _version(mcfg, a), _version(mcfg, b)
-    metric = mcfg.promotion.metric
-    out = [f"# {mcfg.registered_model} v{va.version} -> v{vb.version}", "",
-           f"{metric}: v{va.version} {key_metric(va, metric)}",
-           f"{' ' * len(metric)}  v{vb.version} {key_metric(vb, metric)}",
+    va, vb = _version(registry, a), _version(registry, b)
+    metric = registry.config.promotion.metric
+    out = [f"# {registry.model} v{va.version} -> v{vb.version}", "",
+           f"{metric}: v{va.version} {key_metric(registry, va, metric)}",
+           f"{' ' * len(metric)}  v{vb.version} {key_metric(registry, vb, metric)}",
            f"decision: v{va.version} {va.tags.get('promotion.decision', 'undecided')}, "
            f"v{vb.version} {vb.tags.get('promotion.decision', 'undecided')}", "", "## config"]
-    config = list(difflib.unified_diff(_config_yaml(va), _config_yaml(vb), f"v{va.version}",
+    config = list(difflib.unified_diff(_config_yaml(registry, va), _config_yaml(registry, vb),
+                                       f"v{va.version}",
                                        f"v{vb.version}", lineterm="", n=1))
     out += config or ["the same resolved config"]
     out += ["", "## data"]
@@ -111,19 +108,18 @@ def diff(mcfg: MlflowConfig, a: str, b: str, root: Path, data_cfg: DataConfig) -
     return "\n".join(out)
 
 
-def lineage(mcfg: MlflowConfig, number: str) -> dict:
+def lineage(registry: Registry, number: str) -> dict:
     """What made one version and what happened to it since: data, code, config, run,
     environment, metrics with intervals, and its alias history."""
-    connect(mcfg)
-    client = MlflowClient()
-    version = _version(mcfg, number)
+    client = registry.client
+    version = _version(registry, number)
     tags = version.tags
     run_id = tags.get("phi3ops.run_id") or version.run_id
     run = client.get_run(run_id)
     aliases = [f"@{a}" for a, v in client.get_registered_model(
-        mcfg.registered_model).aliases.items() if str(v) == str(version.version)]
+        registry.model).aliases.items() if str(v) == str(version.version)]
     root = client.get_model_version_download_uri(version.name, version.version)
-    scores = version_metrics(version)
+    scores = version_metrics(registry, version)
     return {
         "version": int(version.version), "aliases": sorted(aliases),
         "decision": tags.get("promotion.decision", "undecided"),
@@ -136,12 +132,12 @@ def lineage(mcfg: MlflowConfig, number: str) -> dict:
         "code": {"git_rev": tags.get("phi3ops.code_git_rev"),
                  "hash": tags.get("phi3ops.code_hash")},
         "config": {"hash": tags.get("phi3ops.config_hash"),
-                   "resolved": "\n".join(_config_yaml(version))},
+                   "resolved": "\n".join(_config_yaml(registry, version))},
         "run": {"id": run_id, "name": run.info.run_name, "status": run.info.status,
                 "parent": run.data.tags.get("mlflow.parentRunId"),
                 "started": _when(run.info.start_time)},
         "environment": {"lock": run.data.tags.get("phi3ops.env_lock"), "requirements":
-                        mlflow.artifacts.load_text(f"{root}/requirements.txt").split()},
+                        registry.read_text(f"{root}/requirements.txt").split()},
         "metrics": {m: scores[m] for m in sorted(scores)},
         "history": history(version),
     }

@@ -30,21 +30,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from phi3ops.config import MlflowConfig, PromotionPolicy
 from phi3ops.errors import RegistryError
-from phi3ops.registry.runs import connect, log_tags
-from phi3ops.registry.store import (
-    HISTORY_TAG,
-    LEGACY_HISTORY,
-    alias_version,
-    history_entry,
-    version_metrics,
-)
-from phi3ops.retry import with_retries
+from phi3ops.registry.client import Registry
+from phi3ops.registry.runs import log_tags
+from phi3ops.registry.store import HISTORY_TAG, LEGACY_HISTORY, history_entry, version_metrics
 
 log = logging.getLogger(__name__)
 PREVIOUS = "previous-champion"
@@ -79,11 +72,11 @@ def _beats(policy: PromotionPolicy, candidate: dict[str, float], other: str, sto
 
 
 def decide(
-    mcfg: MlflowConfig, candidate: ModelVersion, champion: ModelVersion | None,
+    registry: Registry, candidate: ModelVersion, champion: ModelVersion | None,
 ) -> tuple[bool, str]:
     """Apply the promotion policy; any missing or NaN metric means no promotion."""
-    policy = mcfg.promotion
-    scores = version_metrics(candidate)
+    policy = registry.config.promotion
+    scores = version_metrics(registry, candidate)
     value = scores.get(f"tuned_{policy.metric}", math.nan)
     if not math.isfinite(value):
         return False, f"tuned {policy.metric} missing or not finite"
@@ -97,7 +90,7 @@ def decide(
         return True, "; ".join([f"first champion ({policy.metric} {value:.4f})", *reasons])
     # A delta measured against another version than today's champion does not count.
     paired = candidate.tags.get("phi3ops.evaluated_against") == champion.version
-    stored = version_metrics(champion).get(f"tuned_{policy.metric}", math.nan)
+    stored = version_metrics(registry, champion).get(f"tuned_{policy.metric}", math.nan)
     ok, why = _beats(policy, scores, "champion", stored, paired)
     return ok, f"{why} (champion v{champion.version})" + "".join(f"; {r}" for r in reasons)
 
@@ -123,9 +116,9 @@ def model_description(mcfg: MlflowConfig, base_model: str) -> str:
     ])
 
 
-def _tag(client: MlflowClient, mcfg: MlflowConfig, version: str, **tags: str) -> None:
+def _tag(registry: Registry, version: str, **tags: str) -> None:
     for key, value in tags.items():
-        client.set_model_version_tag(mcfg.registered_model, version, f"promotion.{key}", value)
+        registry.client.set_model_version_tag(registry.model, version, f"promotion.{key}", value)
 
 
 def actor() -> str:
@@ -133,19 +126,18 @@ def actor() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def _append_history(client: MlflowClient, mcfg: MlflowConfig, version: str, event: str,
-                    by: str) -> None:
+def _append_history(registry: Registry, version: str, event: str, by: str) -> None:
     """Add a line to the version's history tag (a version registered before: its next
     `history.NNN` tag). Called under the promotion lock: no two writers race."""
-    tags = client.get_model_version(mcfg.registered_model, version).tags
+    client, name = registry.client, registry.model
+    tags = client.get_model_version(name, version).tags
     entry = history_entry(event, by)
     legacy = sum(key.startswith(LEGACY_HISTORY) for key in tags)
     if legacy and HISTORY_TAG not in tags:
-        client.set_model_version_tag(mcfg.registered_model, version,
-                                     f"{LEGACY_HISTORY}{legacy + 1:03d}", entry)
+        client.set_model_version_tag(name, version, f"{LEGACY_HISTORY}{legacy + 1:03d}", entry)
         return
     lines = [*filter(None, tags.get(HISTORY_TAG, "").split("\n")), entry]
-    client.set_model_version_tag(mcfg.registered_model, version, HISTORY_TAG, "\n".join(lines))
+    client.set_model_version_tag(name, version, HISTORY_TAG, "\n".join(lines))
 
 
 def history(mv: ModelVersion) -> list[str]:
@@ -159,18 +151,18 @@ def _error_code(e: MlflowException) -> str:
 
 
 @contextmanager
-def promotion_lock(mcfg: MlflowConfig, wait_s: float = 120.0,
+def promotion_lock(registry: Registry, wait_s: float = 120.0,
                    stale_s: float = 600.0) -> Iterator[None]:
     """Hold `<model>.promotion-lock` while aliases move. A lock older than `stale_s` was left
     by a promoter that died holding it, and is broken; waiting longer than `wait_s` is an error
     that names the holder."""
-    client, name = MlflowClient(), mcfg.registered_model + LOCK_SUFFIX
+    client, name = registry.client, registry.model + LOCK_SUFFIX
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + wait_s
     while True:
         try:
             client.create_registered_model(name, tags={"phi3ops.holder": token}, description=(
-                f"Held by phi3ops while it moves the aliases of {mcfg.registered_model}."))
+                f"Held by phi3ops while it moves the aliases of {registry.model}."))
             break
         except MlflowException as e:
             if _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
@@ -200,7 +192,7 @@ def promotion_lock(mcfg: MlflowConfig, wait_s: float = 120.0,
         _release(client, name)
 
 
-def _release(client: MlflowClient, name: str) -> None:
+def _release(client, name: str) -> None:
     try:
         client.delete_registered_model(name)
     except MlflowException as e:
@@ -208,69 +200,69 @@ def _release(client: MlflowClient, name: str) -> None:
             raise
 
 
-def promote(mcfg: MlflowConfig, version: str, by: str | None = None) -> PromotionDecision:
+def promote(registry: Registry, version: str, by: str | None = None) -> PromotionDecision:
     """Move `@champion` to `version` if the policy allows; record the decision on its tags and
     in the history of each version it concerns."""
-    connect(mcfg)
-    client, by = MlflowClient(), by or actor()
-    with promotion_lock(mcfg):
-        candidate = client.get_model_version(mcfg.registered_model, version)
-        champion = alias_version(mcfg, mcfg.champion_alias)
+    mcfg = registry.config
+    by = by or actor()
+    with promotion_lock(registry):
+        candidate = registry.client.get_model_version(registry.model, version)
+        champion = registry.alias(mcfg.champion_alias)
         if champion is not None and champion.version == candidate.version:
             return PromotionDecision(version, False, "already champion", champion.version)
-        promoted, reason = decide(mcfg, candidate, champion)
-        _tag(client, mcfg, version, reason=reason, decision="promoted" if promoted else "rejected")
+        promoted, reason = decide(registry, candidate, champion)
+        _tag(registry, version, reason=reason, decision="promoted" if promoted else "rejected")
         if promoted:
-            _point(client, mcfg, mcfg.champion_alias, version)
-            _append_history(client, mcfg, version, f"@{mcfg.champion_alias}: {reason}", by)
+            _point(registry, mcfg.champion_alias, version)
+            _append_history(registry, version, f"@{mcfg.champion_alias}: {reason}", by)
             if champion is not None:
-                _point(client, mcfg, PREVIOUS, champion.version)
-                _append_history(client, mcfg, champion.version,
+                _point(registry, PREVIOUS, champion.version)
+                _append_history(registry, champion.version,
                                 f"@{PREVIOUS}: v{version} took @{mcfg.champion_alias}", by)
         else:
-            _append_history(client, mcfg, version, f"rejected: {reason}", by)
+            _append_history(registry, version, f"rejected: {reason}", by)
     return PromotionDecision(version, promoted, reason,
                              champion.version if champion is not None else None)
 
 
-def _point(client: MlflowClient, mcfg: MlflowConfig, alias: str, version: str | None) -> None:
+def _point(registry: Registry, alias: str, version: str | None) -> None:
     """Set `alias` to `version`, or remove it when `version` is None."""
     if version is not None:
-        client.set_registered_model_alias(mcfg.registered_model, alias, version)
-    elif alias_version(mcfg, alias) is not None:
-        client.delete_registered_model_alias(mcfg.registered_model, alias)
+        registry.client.set_registered_model_alias(registry.model, alias, version)
+    elif registry.alias(alias) is not None:
+        registry.client.delete_registered_model_alias(registry.model, alias)
 
 
-def rollback(mcfg: MlflowConfig, by: str | None = None) -> PromotionDecision:
+def rollback(registry: Registry, by: str | None = None) -> PromotionDecision:
     """`@champion` back to `@previous-champion`; the demoted version is tagged rolled-back and
     loses `@challenger` if it held it (the next run's challenger takes it)."""
-    connect(mcfg)
-    client, by = MlflowClient(), by or actor()
-    with promotion_lock(mcfg):
-        champion, previous = alias_version(mcfg, mcfg.champion_alias), alias_version(mcfg, PREVIOUS)
+    mcfg = registry.config
+    by = by or actor()
+    with promotion_lock(registry):
+        champion, previous = registry.alias(mcfg.champion_alias), registry.alias(PREVIOUS)
         if champion is None or previous is None:
             raise RegistryError(f"nothing to roll back to: @{mcfg.champion_alias} or @{PREVIOUS} "
                                 f"is not set on {mcfg.registered_model}")
-        _point(client, mcfg, mcfg.champion_alias, previous.version)
-        _point(client, mcfg, PREVIOUS, None)
+        _point(registry, mcfg.champion_alias, previous.version)
+        _point(registry, PREVIOUS, None)
         reason = (f"v{champion.version} rolled back by hand; @{mcfg.champion_alias} is "
                   f"v{previous.version} again")
-        challenger = alias_version(mcfg, mcfg.challenger_alias)
+        challenger = registry.alias(mcfg.challenger_alias)
         if challenger is not None and challenger.version == champion.version:
-            _point(client, mcfg, mcfg.challenger_alias, None)  # not a candidate any more
+            _point(registry, mcfg.challenger_alias, None)  # not a candidate any more
             reason += f"; @{mcfg.challenger_alias} cleared"
-        _tag(client, mcfg, champion.version, decision="rolled-back", reason=reason)
-        _append_history(client, mcfg, champion.version, f"rolled back: {reason}", by)
-        _append_history(client, mcfg, previous.version,
+        _tag(registry, champion.version, decision="rolled-back", reason=reason)
+        _append_history(registry, champion.version, f"rolled back: {reason}", by)
+        _append_history(registry, previous.version,
                         f"@{mcfg.champion_alias} again: v{champion.version} rolled back", by)
     return PromotionDecision(previous.version, True, reason, champion.version)
 
 
-def record(mcfg: MlflowConfig, run_id: str, decision: PromotionDecision) -> None:
+def record(registry: Registry, run_id: str, decision: PromotionDecision) -> None:
     """Check the registry agrees with the decision (a promoted version is `@champion` now), then
     write the version and decision on the run, where the runs table shows them."""
-    connect(mcfg)
-    champion = alias_version(mcfg, mcfg.champion_alias)
+    mcfg = registry.config
+    champion = registry.alias(mcfg.champion_alias)
     if decision.promoted and (champion is None or str(champion.version) != str(decision.version)):
         raise RegistryError(
             f"v{decision.version} was promoted but @{mcfg.champion_alias} names "
@@ -278,48 +270,46 @@ def record(mcfg: MlflowConfig, run_id: str, decision: PromotionDecision) -> None
     tags = {"phi3ops.version": str(decision.version),
             "phi3ops.promotion": "promoted" if decision.promoted else "not promoted",
             "phi3ops.promotion_reason": decision.reason}
-    with_retries("tag the run with the decision", lambda: log_tags(run_id, tags),
-                 mcfg.retry)
+    registry.retried("tag the run with the decision", lambda: log_tags(registry, run_id, tags))
 
 
-def alias_snapshot(mcfg: MlflowConfig) -> dict[str, str | None]:
+def alias_snapshot(registry: Registry) -> dict[str, str | None]:
     """Where `@champion`, `@previous-champion` and `@challenger` point now, to undo a run.
     Versions as strings: a SQL store gives ints, a tracking server strings."""
-    connect(mcfg)
-    return {alias: str(mv.version) if (mv := alias_version(mcfg, alias)) is not None else None
+    mcfg = registry.config
+    return {alias: str(mv.version) if (mv := registry.alias(alias)) is not None else None
             for alias in (mcfg.champion_alias, PREVIOUS, mcfg.challenger_alias)}
 
 
-def undo_promotion(mcfg: MlflowConfig, before: dict[str, str | None], version: str,
+def undo_promotion(registry: Registry, before: dict[str, str | None], version: str,
                    reason: str, by: str | None = None) -> bool:
     """Put `@champion` and `@previous-champion` back where `before` had them, if `@champion`
     still names `version` (a move by anyone else since is left alone); tag `version`
     rolled-back. True when something was undone."""
-    connect(mcfg)
+    mcfg = registry.config
     version = str(version)
     if before[mcfg.champion_alias] == version:
         return False  # it was champion already: this run moved nothing
-    client = MlflowClient()
-    with promotion_lock(mcfg):
-        current = alias_version(mcfg, mcfg.champion_alias)
+    with promotion_lock(registry):
+        current = registry.alias(mcfg.champion_alias)
         if current is None or str(current.version) != version:
             return False
-        _point(client, mcfg, mcfg.champion_alias, before[mcfg.champion_alias])
-        _point(client, mcfg, PREVIOUS, before[PREVIOUS])
-        _tag(client, mcfg, version, decision="rolled-back", reason=reason)
-        _append_history(client, mcfg, version, f"rolled back: {reason}", by or actor())
+        _point(registry, mcfg.champion_alias, before[mcfg.champion_alias])
+        _point(registry, PREVIOUS, before[PREVIOUS])
+        _tag(registry, version, decision="rolled-back", reason=reason)
+        _append_history(registry, version, f"rolled back: {reason}", by or actor())
     log.warning("@%s back to %s from v%s: %s", mcfg.champion_alias,
                 f"v{before[mcfg.champion_alias]}" if before[mcfg.champion_alias] else "no version",
                 version, reason)
     return True
 
 
-def undo_challenger(mcfg: MlflowConfig, before: dict[str, str | None], version: str) -> bool:
+def undo_challenger(registry: Registry, before: dict[str, str | None], version: str) -> bool:
     """Put `@challenger` back where `before` had it, if it still names `version`."""
-    connect(mcfg)
-    version, current = str(version), alias_version(mcfg, mcfg.challenger_alias)
+    mcfg = registry.config
+    version, current = str(version), registry.alias(mcfg.challenger_alias)
     if before[mcfg.challenger_alias] == version or current is None or str(
             current.version) != version:
         return False
-    _point(MlflowClient(), mcfg, mcfg.challenger_alias, before[mcfg.challenger_alias])
+    _point(registry, mcfg.challenger_alias, before[mcfg.challenger_alias])
     return True

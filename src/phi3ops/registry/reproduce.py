@@ -20,11 +20,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow import MlflowClient
-
-from phi3ops.config import MlflowConfig, file_sha256
+from phi3ops.config import file_sha256
 from phi3ops.errors import Phi3opsError
 from phi3ops.registry import history
+from phi3ops.registry.client import Registry
 from phi3ops.registry.trusted_load import MANIFEST_TAG
 
 # Run by the worktree's own code, whichever layout its commit has (flat modules before the
@@ -68,10 +67,10 @@ def _phi3ops(args: list[str], env: dict, root: Path) -> str:
     return done.stdout
 
 
-def reproduce(mcfg: MlflowConfig, root: Path, number: str) -> Reproduction:
-    found = history.lineage(mcfg, number)
-    manifest = json.loads(MlflowClient().get_model_version(
-        mcfg.registered_model, str(found["version"])).tags.get(MANIFEST_TAG, "{}"))
+def reproduce(registry: Registry, root: Path, number: str) -> Reproduction:
+    found = history.lineage(registry, number)
+    manifest = json.loads(registry.client.get_model_version(
+        registry.model, str(found["version"])).tags.get(MANIFEST_TAG, "{}"))
     code_rev = found["code"]["git_rev"].removesuffix("-dirty")
     data_rev = found["data"]["git_rev"].removesuffix("-dirty")
     with tempfile.TemporaryDirectory(prefix="phi3ops-reproduce-") as tmp:

@@ -10,14 +10,12 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import mlflow
 import yaml
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 
-from phi3ops.config import MlflowConfig, PipelineConfig
+from phi3ops.config import PipelineConfig
 from phi3ops.locking import process_alive, process_started
+from phi3ops.registry.client import Registry
 
 if TYPE_CHECKING:  # types only: chat and serving load no `datasets`
     from mlflow.data.dataset import Dataset
@@ -25,25 +23,10 @@ if TYPE_CHECKING:  # types only: chat and serving load no `datasets`
     from phi3ops.data.preprocess import PreprocessResult
 
 
-def connect(mcfg: MlflowConfig) -> str:
-    """Point MLflow at the configured server or file and return the experiment id."""
-    mlflow.set_tracking_uri(mcfg.tracking_uri)
-    mlflow.set_registry_uri(mcfg.tracking_uri)
-    experiment = mlflow.get_experiment_by_name(mcfg.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return mlflow.create_experiment(mcfg.experiment, artifact_location=(
-            None if mcfg.tracking_uri.startswith("http") else mcfg.artifact_location))
-    except MlflowException:  # created concurrently
-        return mlflow.get_experiment_by_name(mcfg.experiment).experiment_id
-
-
-def start_run(mcfg: MlflowConfig, cfg: PipelineConfig, run_name: str | None = None) -> str:
+def start_run(registry: Registry, cfg: PipelineConfig, run_name: str | None = None) -> str:
     """Create the run of one retrain and record the resolved config as params and config.yaml."""
-    experiment_id = connect(mcfg)
-    client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=run_name,
+    client = registry.client
+    run = client.create_run(registry.experiment_id, run_name=run_name,
                             tags={"phi3ops.pipeline": cfg.name,
                                   "phi3ops.config_hash": cfg.config_hash(), **owner_tags()})
     run_id = run.info.run_id
@@ -57,35 +40,34 @@ def start_run(mcfg: MlflowConfig, cfg: PipelineConfig, run_name: str | None = No
     return run_id
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None,
+def log_metrics(registry: Registry, run_id: str, metrics: dict[str, float], step: int | None = None,
                 dataset: Dataset | None = None, model_id: str | None = None) -> None:
     """Metrics of one step, naming the dataset they were measured on and the logged model they
     describe (MLflow 3: the registry shows a version's model metrics), when given."""
     link = {"model_id": model_id}
     if dataset is not None:
         link.update(dataset_name=dataset.name, dataset_digest=dataset.digest)
-    log_metric_steps(run_id, [(step or 0, metrics)], link=link)
+    log_metric_steps(registry, run_id, [(step or 0, metrics)], link=link)
 
 
-def log_metric_steps(run_id: str, points: list[tuple[int, dict[str, float]]],
-                     tracking_uri: str | None = None, link: dict | None = None) -> None:
+def log_metric_steps(registry: Registry, run_id: str, points: list[tuple[int, dict[str, float]]],
+                     link: dict | None = None) -> None:
     """Metrics of several steps in as few calls as MLflow's batch limit allows."""
     now = int(time.time() * 1000)  # MLflow's timestamps: epoch milliseconds
     metrics = [Metric(k, float(v), now, step, **(link or {})) for step, values in points
                for k, v in values.items()]
-    client = MlflowClient(tracking_uri)
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 per batch
-        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        registry.client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
-def log_tags(run_id: str, tags: dict[str, str]) -> None:
-    MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+def log_tags(registry: Registry, run_id: str, tags: dict[str, str]) -> None:
+    registry.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def log_preprocess(run_id: str, prep: PreprocessResult) -> None:
+def log_preprocess(registry: Registry, run_id: str, prep: PreprocessResult) -> None:
     """Counts as `data_*` metrics; stats, length histogram and quarantine under data/."""
-    log_metrics(run_id, {f"data_{k}": v for k, v in prep.counts().items()})
-    client = MlflowClient()
+    log_metrics(registry, run_id, {f"data_{k}": v for k, v in prep.counts().items()})
+    client = registry.client
     client.log_artifact(run_id, str(prep.histogram_path), "data")
     client.log_dict(run_id, {"rejected_by_rule": prep.rejected_by_rule,
                              "messages_by_role": prep.messages_by_role}, "data/stats.json")
@@ -93,33 +75,33 @@ def log_preprocess(run_id: str, prep: PreprocessResult) -> None:
         client.log_artifact(run_id, str(prep.quarantine_path), "data")
 
 
-def log_text(run_id: str, text: str, artifact_file: str) -> None:
-    MlflowClient().log_text(run_id, text, artifact_file)
+def log_text(registry: Registry, run_id: str, text: str, artifact_file: str) -> None:
+    registry.client.log_text(run_id, text, artifact_file)
 
 
-def log_figure(run_id: str, figure, artifact_file: str) -> None:
+def log_figure(registry: Registry, run_id: str, figure, artifact_file: str) -> None:
     """A matplotlib figure as an image artifact; closed afterwards so figures do not pile up."""
     from matplotlib import pyplot as plt
 
-    MlflowClient().log_figure(run_id, figure, artifact_file)
+    registry.client.log_figure(run_id, figure, artifact_file)
     plt.close(figure)
 
 
-def log_samples(run_id: str, samples: list[dict], artifact_file: str) -> None:
+def log_samples(registry: Registry, run_id: str, samples: list[dict], artifact_file: str) -> None:
     """Per-sample answers as an MLflow table (shown side by side in the UI's evaluation view)."""
     if samples:
         columns = {key: [s[key] for s in samples] for key in samples[0]}
-        MlflowClient().log_table(run_id, data=columns, artifact_file=artifact_file)
+        registry.client.log_table(run_id, data=columns, artifact_file=artifact_file)
 
 
-def end_run(run_id: str, failed: bool = False) -> None:
-    MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+def end_run(registry: Registry, run_id: str, failed: bool = False) -> None:
+    registry.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def end_skipped(run_id: str, reason: str) -> None:
+def end_skipped(registry: Registry, run_id: str, reason: str) -> None:
     """End a run that found its version made before: why it trained nothing, in a tag."""
-    log_tags(run_id, {"phi3ops.skipped": reason})
-    end_run(run_id)
+    log_tags(registry, run_id, {"phi3ops.skipped": reason})
+    end_run(registry, run_id)
 
 
 def owner_tags() -> dict[str, str]:
@@ -129,13 +111,13 @@ def owner_tags() -> dict[str, str]:
             "phi3ops.pid_started": repr(process_started(pid))}
 
 
-def close_dead_runs(mcfg: MlflowConfig, closer_run_id: str) -> list[str]:
+def close_dead_runs(registry: Registry, closer_run_id: str) -> list[str]:
     """Mark FAILED the RUNNING runs of this experiment whose process on this host is gone (a
     `kill -9`, a power cut): MLflow never hears of such a death. Each gets tags saying who closed
     it and when. Runs of other hosts are left alone: their processes cannot be checked here."""
-    client, host = MlflowClient(), socket.gethostname()
-    running = client.search_runs(
-        [connect(mcfg)], filter_string=f"attributes.status = 'RUNNING' and "
+    host = socket.gethostname()
+    running = registry.client.search_runs(
+        [registry.experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
                                       f"tags.`phi3ops.host` = '{host}'")
     closed = []
     for run in running:
@@ -144,11 +126,11 @@ def close_dead_runs(mcfg: MlflowConfig, closer_run_id: str) -> list[str]:
         if run.info.run_id == closer_run_id or process_alive(
                 int(tags.get("phi3ops.pid", 0)), None if started == "None" else float(started)):
             continue
-        log_tags(run.info.run_id, {
+        log_tags(registry, run.info.run_id, {
             "phi3ops.closed_by": f"run {closer_run_id} ({host}, pid {os.getpid()})",
             "phi3ops.closed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "phi3ops.closed_reason": f"its process (pid {tags.get('phi3ops.pid')} on {host}) "
                                      "is gone; it died without ending the run"})
-        end_run(run.info.run_id, failed=True)
+        end_run(registry, run.info.run_id, failed=True)
         closed.append(run.info.run_id)
     return closed

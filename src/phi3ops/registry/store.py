@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
-from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -24,15 +23,15 @@ from mlflow.utils.requirements_utils import (  # not public: the check log_model
     warn_dependency_requirement_mismatches,  # run early here to warm its cache
 )
 
-from phi3ops.config import MlflowConfig, PipelineConfig, sha256_json
-from phi3ops.registry.runs import connect, log_metrics
+from phi3ops.config import PipelineConfig, sha256_json
+from phi3ops.registry.client import Registry
+from phi3ops.registry.runs import log_metrics
 from phi3ops.registry.trusted_load import (
     MANIFEST_TAG,
     artifact_manifest,
     inspect_version,
     load_verified,
 )
-from phi3ops.retry import with_retries
 from phi3ops.serve.artifacts import INPUT_EXAMPLE, MODEL_CODE, RUNTIME_CODE, model_artifacts
 
 if TYPE_CHECKING:  # types only: chat and serving load no `datasets`
@@ -93,10 +92,10 @@ def registration_key(dataset_md5: str, config_hash: str, code_hash: str,
     return sha256_json([dataset_md5, config_hash, code_hash, artifact_type])[:16]
 
 
-def find_version(mcfg: MlflowConfig, name: str, key: str) -> ModelVersion | None:
+def find_version(registry: Registry, name: str, key: str) -> ModelVersion | None:
     """The oldest version with this key. Newer ones are duplicates, left by a create whose reply
     was lost before a retry (at-least-once over HTTP); they are deleted so the key stays unique."""
-    client = MlflowClient()
+    client = registry.client
     same = sorted((v for v in client.search_model_versions(f"name='{name}'")
                    if v.tags.get("phi3ops.registration_key") == key), key=lambda v: int(v.version))
     for duplicate in same[1:]:
@@ -149,12 +148,38 @@ class Candidate:
     artifact_type: str = "adapter"
 
 
-def register_adapter(mcfg: MlflowConfig, run_id: str, candidate: Candidate) -> ModelVersion:
+def version_tags(registry: Registry, run_id: str, candidate: Candidate, key: str) -> dict:
+    """Lineage, key, file hashes and the first history line: set with the version itself, so
+    none is ever missing."""
+    adapter = candidate.artifact_type == "adapter"
+    tags = {**candidate.lineage.tags(), "phi3ops.artifact_type": candidate.artifact_type,
+            "phi3ops.registration_key": key,
+            MANIFEST_TAG: artifact_manifest(candidate.adapter_dir, candidate.base_dir),
+            HISTORY_TAG: history_entry("registered" + (
+                f", @{registry.config.challenger_alias}" if adapter else ""), f"run {run_id}")}
+    if candidate.evaluated_against is not None:  # the champion, scored on the same split
+        tags["phi3ops.evaluated_against"] = candidate.evaluated_against
+    return tags
+
+
+def create_version(registry: Registry, name: str, info, tags: dict) -> ModelVersion:
+    """A version of `name` (created on first use) for the logged model `info`. What
+    `mlflow.register_model` does, on this registry's client rather than the process-wide one."""
+    try:
+        registry.client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise  # else: registered before, by this run or another
+    return registry.client.create_model_version(name, info.model_uri, tags=tags,
+                                                model_id=info.model_id)
+
+
+def register_adapter(registry: Registry, run_id: str, candidate: Candidate) -> ModelVersion:
     """Log the model in the run, register it and set `@challenger`. Idempotent: the same
     (data, config, code) gives the existing version, also when a retry follows a failure.
     A merged model (`artifact_type="merged"`, base_dir = merged weights, no adapter) goes to
     `<name>-merged`, without aliases: promotion is decided on the adapter."""
-    with_retries("reach MLflow", lambda: connect(mcfg), mcfg.retry)
+    mcfg, client = registry.config, registry.client
     lineage, metrics, artifact_type = candidate.lineage, candidate.metrics, candidate.artifact_type
     adapter_dir, base_dir = candidate.adapter_dir, candidate.base_dir
     name = mcfg.registered_model
@@ -163,14 +188,16 @@ def register_adapter(mcfg: MlflowConfig, run_id: str, candidate: Candidate) -> M
     key = registration_key(lineage.dataset_md5, lineage.config_hash, lineage.code_hash,
                            artifact_type)
 
-    existed = find_version(mcfg, name, key) is not None  # a rerun: its aliases stay as they are
+    existed = registry.retried("reach MLflow", lambda: find_version(
+        registry, name, key)) is not None  # a rerun: its aliases stay as they are
 
     def register_once() -> ModelVersion:
-        existing = find_version(mcfg, name, key)
+        existing = find_version(registry, name, key)
         if existing is not None:
             log.info("%s v%s already holds this data, config and code", name, existing.version)
             return existing
-        with mlflow.start_run(run_id=run_id):
+        # MLflow's module functions, on this server: log_model has no client form.
+        with registry.as_process_default(), mlflow.start_run(run_id=run_id):
             # A signature, no input example: MLflow would check the example by loading the whole
             # model and generating, which for Phi-3-mini means minutes and its full weights in
             # memory once more. Loading and serving the registered model is tested end to end.
@@ -184,88 +211,73 @@ def register_adapter(mcfg: MlflowConfig, run_id: str, candidate: Candidate) -> M
                 signature=SIGNATURE,
                 pip_requirements=pip_requirements(),
             )
-            log_metrics(run_id, metrics, dataset=candidate.held_out, model_id=info.model_id)
-        # Lineage, key and metrics are set with the version itself, so none is ever missing.
-        tags = {**lineage.tags(), "phi3ops.artifact_type": artifact_type,
-                "phi3ops.registration_key": key,
-                MANIFEST_TAG: artifact_manifest(adapter_dir, base_dir),  # checked on every load
-                HISTORY_TAG: history_entry("registered" + (
-                    f", @{mcfg.challenger_alias}" if artifact_type == "adapter" else ""),
-                    f"run {run_id}")}
-        if candidate.evaluated_against is not None:  # the champion, scored on the same split
-            tags["phi3ops.evaluated_against"] = candidate.evaluated_against
-        return mlflow.register_model(info.model_uri, name, tags=tags)
+            log_metrics(registry, run_id, metrics, dataset=candidate.held_out,
+                        model_id=info.model_id)
+            tags = version_tags(registry, run_id, candidate, key)
+            return create_version(registry, name, info, tags)
 
-    with_retries(f"register {name}", register_once, mcfg.retry)
-    version = with_retries("check the key is unique",
-                           lambda: find_version(mcfg, name, key), mcfg.retry)
-    client = MlflowClient()
-    with_retries("describe the version", lambda: client.update_model_version(
-        name, version.version, description=candidate.card), mcfg.retry)
+    registry.retried(f"register {name}", register_once)
+    version = registry.retried("check the key is unique",
+                               lambda: find_version(registry, name, key))
+    registry.retried("describe the version", lambda: client.update_model_version(
+        name, version.version, description=candidate.card))
     if candidate.about:
-        with_retries("describe the model", lambda: client.update_registered_model(
-            name, description=candidate.about), mcfg.retry)
+        registry.retried("describe the model", lambda: client.update_registered_model(
+            name, description=candidate.about))
     if artifact_type == "adapter" and not existed:  # never back to an older version
-        with_retries("set @challenger", lambda: client.set_registered_model_alias(
-            name, mcfg.challenger_alias, version.version), mcfg.retry)
+        registry.retried("set @challenger", lambda: client.set_registered_model_alias(
+            name, mcfg.challenger_alias, version.version))
     return version
 
 
-def version_metrics(version: ModelVersion) -> dict[str, float]:
+def version_metrics(registry: Registry, version: ModelVersion) -> dict[str, float]:
     """A version's evaluation metrics: those of its logged model, or the `metric.*` tags of a
     version registered before phi3ops logged metrics to the model."""
     if version.metrics is not None:
         return {m.key: m.value for m in version.metrics}
     scores = {}
     if version.source and version.source.startswith("models:/m-"):  # MLflow 3's logged model
-        scores = with_retries("read the model's metrics", lambda: {
-            m.key: m.value for m in MlflowClient().get_logged_model(
+        scores = registry.retried("read the model's metrics", lambda: {
+            m.key: m.value for m in registry.client.get_logged_model(
                 version.source.removeprefix("models:/")).metrics or []})
     return scores or {k.removeprefix("metric."): float(v) for k, v in version.tags.items()
                       if k.startswith("metric.")}
 
 
-def alias_version(mcfg: MlflowConfig, alias: str) -> ModelVersion | None:
-    try:
-        return MlflowClient().get_model_version_by_alias(mcfg.registered_model, alias)
-    except MlflowException:
-        return None
-
-
-def already_decided(mcfg: MlflowConfig, dataset_md5: str, config_hash: str,
+def already_decided(registry: Registry, dataset_md5: str, config_hash: str,
                     code_hash: str) -> ModelVersion | None:
     """The version already trained on this very data, config and code (code_version.py),
     champion or not, once its promotion was decided (a version whose run died before that is
     trained again: the run resumes, and the decision is made)."""
-    found = find_version(mcfg, mcfg.registered_model,
+    found = find_version(registry, registry.model,
                          registration_key(dataset_md5, config_hash, code_hash))
     return found if found is not None and "promotion.decision" in found.tags else None
 
 
-def check_registered(mcfg: MlflowConfig, uri: str) -> ModelVersion:
+def check_registered(registry: Registry, uri: str) -> ModelVersion:
     """Before any heavy work: the version behind `uri` exists and phi3ops registered it."""
-    return inspect_version(mcfg.tracking_uri, uri)
+    return inspect_version(registry.uri, uri)
 
 
-def load_registered(mcfg: MlflowConfig, uri: str):
+def load_registered(registry: Registry, uri: str):
     """The chat model (chat_runtime.ChatModel) behind `models:/NAME@ALIAS`, `models:/NAME/N` or
     `runs:/ID/adapter`, loaded by phi3ops' own code from files checked against the hashes
     recorded at registration. Never mlflow.pyfunc.load_model: it runs whatever code a version
     names, and anyone who can write to the registry can add a version (trusted_load.py)."""
-    return load_verified(mcfg.tracking_uri, uri)
+    return load_verified(registry.uri, uri)
 
 
-def load_chat_model(mcfg: MlflowConfig, uri: str):
+def load_chat_model(registry: Registry, uri: str):
     """(model, tokenizer) inside a registered phi3ops model, for scoring or generation."""
-    chat = load_registered(mcfg, uri)
+    chat = load_registered(registry, uri)
     return chat.model, chat.tokenizer
 
 
-def load_champion(mcfg: MlflowConfig):
+def load_champion(registry: Registry):
     """(version, (model, tokenizer)) of the current champion, to score it on this run's split;
     None when there is no champion yet."""
-    champion = alias_version(mcfg, mcfg.champion_alias)
+    champion = registry.alias(registry.config.champion_alias)
     if champion is None:
         return None
     return champion.version, load_chat_model(
-        mcfg, f"models:/{mcfg.registered_model}/{champion.version}")
+        registry, f"models:/{registry.model}/{champion.version}")

@@ -242,7 +242,7 @@ def _download_files(client: MlflowClient, version: ModelVersion, flavor: dict,
 def record_manifest(tracking_uri: str, uri: str) -> ModelVersion:
     """`phi3ops trust`: for a version registered before phi3ops recorded hashes, record those of
     its files as they are now (trust on first use), so every later load checks them."""
-    with registry(tracking_uri, uri) as client, \
+    with loading_from(tracking_uri, uri) as client, \
             tempfile.TemporaryDirectory(prefix="phi3ops-trust-") as tmp:
         version = resolve(client, uri)
         if MANIFEST_TAG in version.tags:
@@ -256,7 +256,7 @@ def record_manifest(tracking_uri: str, uri: str) -> ModelVersion:
 
 
 @contextmanager
-def registry(tracking_uri: str, uri: str):
+def loading_from(tracking_uri: str, uri: str):
     """A registry client; what MLflow raises (unreachable, no permission) as one paragraph."""
     try:
         yield MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -268,7 +268,7 @@ def registry(tracking_uri: str, uri: str):
 def inspect_version(tracking_uri: str, uri: str) -> ModelVersion:
     """Cheap check before heavy work: the version exists and phi3ops registered it (tags and
     MLmodel only; the weights are downloaded and verified when loaded)."""
-    with registry(tracking_uri, uri) as client, \
+    with loading_from(tracking_uri, uri) as client, \
             tempfile.TemporaryDirectory(prefix="phi3ops-check-") as tmp:
         version = resolve(client, uri)
         check_own(client, version, Path(tmp))
@@ -278,7 +278,7 @@ def inspect_version(tracking_uri: str, uri: str) -> ModelVersion:
 def fetch_verified(tracking_uri: str, uri: str, dst: Path) -> tuple[ModelVersion, dict]:
     """Download the files behind a model URI into `dst` and check them: the version, and what
     chat_runtime.ChatModel takes (adapter_dir, base_dir, config)."""
-    with registry(tracking_uri, uri) as client:
+    with loading_from(tracking_uri, uri) as client:
         version = resolve(client, uri)
         flavor = check_own(client, version, dst)
         local = download_verified(client, version, flavor, dst)

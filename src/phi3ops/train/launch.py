@@ -170,10 +170,11 @@ class MetricsForwarder:
         self.offset += len(complete)
         points = [json.loads(line) for line in complete.splitlines()]
         from phi3ops.registry import runs
+        from phi3ops.registry.client import Registry
 
         try:
-            runs.log_metric_steps(self.run_id, [(p["step"], p["metrics"]) for p in points],
-                                      self.tracking_uri)
+            runs.log_metric_steps(Registry.at(self.tracking_uri), self.run_id,
+                                  [(p["step"], p["metrics"]) for p in points])
         except Exception as e:  # noqa: BLE001 - metrics are best effort here
             log.warning("could not log training metrics of steps %s: %s",
                         [p["step"] for p in points], e)
