@@ -7,9 +7,9 @@ import boto3
 import pytest
 
 from phi3ops.config import DataConfig
+from phi3ops.data.dvc_repo import DvcRepo
 from phi3ops.data.versions import (
     checkout_version,
-    open_repo,
     push_verified,
     push_version,
     recorded_md5,
@@ -56,7 +56,7 @@ def test_s3_remote_push_verify_and_repair(project, s3, s3_endpoint):
     s3.delete_object(Bucket=BUCKET, Key=data_key)  # behind DVC's back
     assert remote_missing(project, DataConfig()) == ["data/conversations.jsonl"]
 
-    with open_repo(project) as repo:
+    with DvcRepo.open(project) as repo:
         push_verified(repo, project / "data.dvc")
     assert remote_missing(project, DataConfig()) == []
     assert data_key in {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}

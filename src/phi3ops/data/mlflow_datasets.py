@@ -36,10 +36,10 @@ class DvcDatasetSource(DatasetSource):
 
     def load(self, dst_path: str | None = None) -> str:
         """`dvc get REPO PATH --rev REV`: the files of this version, into `dst_path`."""
-        from dvc.repo import Repo
+        from phi3ops.data.dvc_repo import get_files
 
         out = Path(dst_path or tempfile.mkdtemp(prefix="phi3ops-data-")) / Path(self.path).name
-        Repo.get(self.repo, self.path, out=str(out), rev=self.rev)
+        get_files(self.repo, self.path, self.rev, out)
         return str(out)
 
     @staticmethod

@@ -25,12 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from dvc.api import DVCFileSystem
-from dvc.exceptions import DvcException
-from dvc.repo import Repo
 
 from phi3ops.config import DataConfig
 from phi3ops.data.demo import write_demo_dataset
+from phi3ops.data.dvc_repo import DvcError, DvcRepo, get_files
 from phi3ops.data.remote_check import RemoteCheck, RemoteObject
 from phi3ops.errors import DataError
 
@@ -93,31 +91,22 @@ def count_rows(data_dir: Path) -> tuple[int, int]:
     return rows, len(files)
 
 
-def open_repo(root: Path) -> Repo:
-    try:
-        repo = Repo(str(root))
-    except DvcException as e:
-        raise DataError(f"{root}: not a DVC repository ({e}); run `dvc init` there") from e
-    repo.scm_context.quiet = True  # no "To track the changes with git": phi3ops says it once
-    return repo
-
-
-def _cached_manifest(repo: Repo, md5: str) -> list[dict] | None:
-    path = Path(repo.cache.local.oid_to_path(md5))
+def _cached_manifest(repo: DvcRepo, md5: str) -> list[dict] | None:
+    path = repo.cached(md5)
     if path.is_file() and file_md5(path) == md5.removesuffix(".dir"):
         return json.loads(path.read_text())
     return None
 
 
-def load_manifest(repo: Repo, md5: str, targets: list[str], revs: list[str] | None = None,
+def load_manifest(repo: DvcRepo, md5: str, targets: list[str], revs: list[str] | None = None,
                   ) -> list[dict]:
     """The file list of a directory version, from the cache or else fetched from the remote.
     Its own md5 must equal the recorded one: a tampered cache entry is refused."""
-    path = Path(repo.cache.local.oid_to_path(md5))
+    path = repo.cached(md5)
     if not path.is_file():
         try:
-            repo.fetch(targets=targets, revs=revs)
-        except DvcException as e:
+            repo.fetch(targets, revs)
+        except DvcError as e:
             check_remote(repo, md5, Path(targets[0]).stem, sample=None).raise_if_corrupt()
             raise DataError(f"dataset {md5} is not in the DVC cache nor fetchable: {e}") from e
     if not path.is_file() or file_md5(path) != md5.removesuffix(".dir"):
@@ -159,14 +148,14 @@ def quiet_dvc():
             logger.setLevel(level)
 
 
-def _restore_missing(repo: Repo, data_dir: Path, dvc_file: Path, cfg: DataConfig) -> str:
+def _restore_missing(repo: DvcRepo, data_dir: Path, dvc_file: Path, cfg: DataConfig) -> str:
     """`dvc pull`; when it fails, regenerate the demo dataset only if the remote truly lacks the
     version: a pull also fails on an object that hashes wrong, and that is refused, named."""
     md5 = recorded_md5(dvc_file)
     try:
         with quiet_dvc():  # a miss is expected here, and phi3ops says what it does about it
-            repo.pull(targets=[str(dvc_file)])
-    except DvcException as e:
+            repo.pull([str(dvc_file)])
+    except DvcError as e:
         check_remote(repo, md5, dvc_file.stem, sample=None).raise_if_corrupt()
         if not cfg.demo_if_missing:
             raise DataError(
@@ -178,7 +167,7 @@ def _restore_missing(repo: Repo, data_dir: Path, dvc_file: Path, cfg: DataConfig
     log.info("%s is not on the DVC remote; regenerating the seeded demo dataset", data_dir)
     recorded = dvc_file.read_text()
     write_demo_dataset(data_dir)
-    repo.add(str(data_dir))  # fills the cache
+    repo.add(data_dir)  # fills the cache
     if recorded_md5(dvc_file) != parse_md5(recorded, str(dvc_file)):
         dvc_file.write_text(recorded)  # never replace the user's version with the demo
         shutil.rmtree(data_dir)
@@ -187,14 +176,14 @@ def _restore_missing(repo: Repo, data_dir: Path, dvc_file: Path, cfg: DataConfig
     return "generated"
 
 
-def _discard_bad_pull(repo: Repo, data_dir: Path, dvc_file: Path) -> None:
+def _discard_bad_pull(repo: DvcRepo, data_dir: Path, dvc_file: Path) -> None:
     """A pull wrote files that fail their md5: a remote with `verify` off hands corrupt objects
     over unchecked. Remove them from data/ and the cache, so that the next pull fetches them
     again, and name the corrupt objects on the remote."""
     md5 = recorded_md5(dvc_file)
     shutil.rmtree(data_dir)
     for entry in load_manifest(repo, md5, [str(dvc_file)]):
-        cached = Path(repo.cache.local.oid_to_path(entry["md5"]))
+        cached = repo.cached(entry["md5"])
         if cached.is_file() and file_md5(cached) != entry["md5"]:
             cached.unlink()
     check_remote(repo, md5, dvc_file.stem, sample=None).raise_if_corrupt()
@@ -209,13 +198,13 @@ def checkout_version(root: Path, cfg: DataConfig, rev: str | None = None) -> Dat
     data_dir, dvc_file = root / cfg.path, root / cfg.dvc_file
     source, md5 = "workspace", recorded_md5(dvc_file)
     if md5 is not None and not data_dir.is_dir():
-        with open_repo(root) as repo:
+        with DvcRepo.open(root) as repo:
             source = _restore_missing(repo, data_dir, dvc_file, cfg)
     try:
         md5 = verify_workspace(root, cfg)
     except DataError:
         if source == "pulled":
-            with open_repo(root) as repo:
+            with DvcRepo.open(root) as repo:
                 _discard_bad_pull(repo, data_dir, dvc_file)
         raise
     n_rows, n_files = count_rows(data_dir)
@@ -227,7 +216,7 @@ def push_version(root: Path, cfg: DataConfig) -> None:
     with `data.push: false`). A retrain pushes before it trains, so that any version it
     registers can be pulled, and reproduced, elsewhere."""
     if cfg.push:
-        with open_repo(root) as repo, quiet_dvc():
+        with DvcRepo.open(root) as repo, quiet_dvc():
             push_verified(repo, root / cfg.dvc_file)
 
 
@@ -245,14 +234,14 @@ def _checkout_rev(root: Path, cfg: DataConfig, rev: str) -> DatasetVersion:
         raise DataError(f"git rev {rev!r} has no {cfg.dvc_file}: {e.stderr.strip()}") from e
     md5 = parse_md5(dvc_text, f"{rev}:{cfg.dvc_file}")
     dest = root / ".cache" / "data" / md5.removesuffix(".dir")
-    with open_repo(root) as repo:
+    with DvcRepo.open(root) as repo:
         manifest = load_manifest(repo, md5, [cfg.path], revs=[sha])
         if not dest.is_dir():
             staging = dest.with_name(dest.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                DVCFileSystem(repo=str(root), rev=sha).get(cfg.path, str(staging), recursive=True)
-            except (DvcException, FileNotFoundError) as e:
+                get_files(str(root), cfg.path, sha, staging)
+            except (DvcError, FileNotFoundError) as e:
                 raise DataError(f"cannot get {cfg.path} at {rev}: {e}") from e
             staging.rename(dest)
     verify_files(dest, manifest, root / cfg.dvc_file)  # every time: the copy may have changed
@@ -269,45 +258,22 @@ def verify_workspace(root: Path, cfg: DataConfig) -> str:
     if not data_dir.is_dir():
         raise DataError(f"{data_dir} is missing: `phi3ops data pull` (or `dvc pull "
                         f"{cfg.dvc_file}`) restores it")
-    with open_repo(root) as repo:
+    with DvcRepo.open(root) as repo:
         verify_files(data_dir, load_manifest(repo, md5, [str(dvc_file)]), dvc_file)
     return md5
 
 
-def _remote_odb(repo: Repo):
-    try:
-        return repo.cloud.get_remote_odb()
-    except DvcException as e:
-        raise DataError(f"no usable DVC remote: {e}") from e
-
-
-def _read_back(remote, oid: str) -> tuple[str | None, bytes]:
-    """md5 and bytes of one object as the remote holds it (None when absent), read through
-    DVC's filesystem for that remote, so a local directory and S3 are checked the same way.
-    Only a directory manifest's bytes are kept: data files are hashed as they stream."""
-    digest, kept = hashlib.md5(usedforsecurity=False), []
-    try:
-        with remote.fs.open(remote.oid_to_path(oid), mode="rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-                if oid.endswith(".dir"):
-                    kept.append(chunk)
-    except FileNotFoundError:
-        return None, b""
-    return digest.hexdigest(), b"".join(kept)
-
-
-def check_remote(repo: Repo, md5: str, data_path: str, sample: int | None = REMOTE_SAMPLE,
+def check_remote(repo: DvcRepo, md5: str, data_path: str, sample: int | None = REMOTE_SAMPLE,
                  ) -> RemoteCheck:
     """Ask the default remote for every object of a version, and read back and hash its
     manifest and `sample` files picked at random (all when None). DVC itself only asks whether
     an object exists, so a flipped byte on the remote goes unseen until someone pulls it."""
-    remote = _remote_odb(repo)
+    remote = repo.remote()
 
     def found(oid: str, file: str, actual: str | None) -> RemoteObject:
-        return RemoteObject(oid, remote.fs.unstrip_protocol(remote.oid_to_path(oid)), file, actual)
+        return RemoteObject(oid, remote.url(oid), file, actual)
 
-    actual, raw = _read_back(remote, md5)
+    actual, raw = remote.read(md5)
     missing, corrupt = [], []
     if actual == md5.removesuffix(".dir"):
         manifest = json.loads(raw)
@@ -319,7 +285,7 @@ def check_remote(repo: Repo, md5: str, data_path: str, sample: int | None = REMO
     hashed = set(files if sample is None else random.sample(files, min(sample, len(files))))
     for oid, file in files:
         if (oid, file) in hashed:
-            actual = _read_back(remote, oid)[0]
+            actual = remote.read(oid)[0]
         else:  # only asked for: taken as intact when present
             actual = oid if remote.exists(oid) else None
         if actual != oid:
@@ -333,7 +299,7 @@ def remote_status(root: Path, cfg: DataConfig, sample: int | None = REMOTE_SAMPL
     md5 = recorded_md5(dvc_file)
     if md5 is None:
         raise DataError(f"{dvc_file} not found")
-    with open_repo(root) as repo:
+    with DvcRepo.open(root) as repo:
         return check_remote(repo, md5, cfg.path, sample)
 
 
@@ -343,29 +309,29 @@ def remote_missing(root: Path, cfg: DataConfig) -> list[str]:
     return [obj.file for obj in remote_status(root, cfg, sample=0).missing]
 
 
-def push_verified(repo: Repo, dvc_file: Path) -> None:
+def push_verified(repo: DvcRepo, dvc_file: Path) -> None:
     """`dvc push`, then read the version back and upload again, from the cache, every object
     the remote lacks or holds corrupt: dvc push skips a directory whose manifest is on the
     remote even when its files are not, and never looks inside an object that exists."""
     md5 = recorded_md5(dvc_file)
     try:
-        repo.push(targets=[str(dvc_file)])
+        repo.push([str(dvc_file)])
         check = check_remote(repo, md5, dvc_file.stem)
         bad = check.missing + check.corrupt
         if bad:
             log.warning("the remote lacked or held corrupt %d object(s); uploading again: %s",
                         len(bad), [obj.file for obj in bad])
-            remote, local = _remote_odb(repo), repo.cache.local
+            remote = repo.remote()
             for obj in bad:
-                source, expected = Path(local.oid_to_path(obj.oid)), obj.oid.removesuffix(".dir")
+                source, expected = repo.cached(obj.oid), obj.oid.removesuffix(".dir")
                 if not source.is_file() or file_md5(source) != expected:
                     raise DataError(f"cannot repair {obj}: this machine's DVC cache has no good "
                                     f"copy ({source}); push from one that has")
-                remote.add(str(source), local.fs, obj.oid, check_exists=False)
-                if _read_back(remote, obj.oid)[0] != expected:
+                remote.upload(source, obj.oid)
+                if remote.read(obj.oid)[0] != expected:
                     raise DataError(f"{obj.url} still does not hash to its name after uploading "
                                     "it again: check the remote's storage")
-    except DvcException as e:
+    except DvcError as e:
         raise DataError(f"`dvc push {dvc_file.name}` failed: {e}") from e
 
 
@@ -375,8 +341,8 @@ def record_version(root: Path, cfg: DataConfig) -> tuple[DatasetVersion, str | N
     if not data_dir.is_dir():
         raise DataError(f"{data_dir} does not exist: `phi3ops data add PATH` imports a dataset")
     before = recorded_md5(dvc_file)
-    with open_repo(root) as repo:
-        repo.add(str(data_dir))
+    with DvcRepo.open(root) as repo:
+        repo.add(data_dir)
         if cfg.push:
             push_verified(repo, dvc_file)
     n_rows, n_files = count_rows(data_dir)
