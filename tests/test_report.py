@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from phi3ops.cli.main import use_local_prefect_server
 from phi3ops.config import MlflowConfig
-from phi3ops.report import brief
+from phi3ops.report import aliases_note, brief
 
 RESULT = {
     "run_id": "abc123", "version": 3, "promoted": True, "dataset_md5": "9a5d08c4.dir",
@@ -60,3 +60,13 @@ def test_a_running_local_prefect_server_is_used(monkeypatch):
         server.shutdown()
     monkeypatch.delenv("PREFECT_API_URL")
     assert use_local_prefect_server(port) is None, "nothing answers: the temporary server"
+
+
+def test_the_failure_report_says_where_the_aliases_are():
+    before = {"champion": "1", "previous-champion": None, "challenger": "1"}
+    assert aliases_note(None, None) == " No alias moved."
+    assert "rolled back: the aliases are where they were" in aliases_note(before, dict(before))
+    moved = aliases_note(before, {**before, "champion": "2"})
+    assert "moved during the run" in moved and "phi3ops promote --rollback" in moved
+    unread = aliases_note(before, ConnectionError("refused"))
+    assert "Could not read the aliases back (ConnectionError)" in unread

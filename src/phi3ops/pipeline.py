@@ -167,8 +167,16 @@ class Retrain:
         except BaseException as e:
             runs.end_run(self.run.registry, self.run.run_id, failed=True)
             before = self.published.aliases_before if self.published else None
-            self.steps.show("retrain-failure", report.failure(self.run, self.stage, e, before))
+            self.steps.show("retrain-failure", report.failure(
+                self.run, self.stage, e, before, self.aliases_now() if before else None))
             raise
+
+    def aliases_now(self) -> dict[str, str | None] | Exception:
+        """Where the aliases point after a failure; the error, when reading them fails too."""
+        try:
+            return promotion.alias_snapshot(self.run.registry)
+        except Exception as e:  # noqa: BLE001 - reported, never raised over the run's failure
+            return e
 
     def at(self, stage: str) -> None:
         self.stage = stage

@@ -10,7 +10,6 @@ from mlflow.entities.model_registry import ModelVersion
 from phi3ops.config import MlflowConfig
 from phi3ops.errors import safe_uri
 from phi3ops.registry import promotion
-from phi3ops.registry.client import Registry
 from phi3ops.steps import Run
 
 
@@ -32,14 +31,14 @@ def standing_decision(version: ModelVersion, champion: str | None) -> promotion.
         f"and was {version.tags['promotion.decision']}; left as it is", champion)
 
 
-def aliases_note(registry: Registry, before: dict[str, str | None] | None) -> str:
-    """For the failure report: are the aliases where they were before the run?"""
+def aliases_note(before: dict[str, str | None] | None,
+                 now: dict[str, str | None] | Exception | None) -> str:
+    """For the failure report: are the aliases where they were before the run? `now` is what
+    reading them back gave (an exception when that failed too)."""
     if before is None:
         return " No alias moved."
-    try:
-        now = promotion.alias_snapshot(registry)
-    except Exception as e:  # the report must not hide the failure it reports
-        return f" Could not read the aliases back ({type(e).__name__}); check them."
+    if isinstance(now, Exception):  # the report must not hide the failure it reports
+        return f" Could not read the aliases back ({type(now).__name__}); check them."
     if now == before:
         return " Registration and promotion were rolled back: the aliases are where they were."
     return (f" The aliases moved during the run: now {now}, before {before}; check them "
@@ -47,10 +46,11 @@ def aliases_note(registry: Registry, before: dict[str, str | None] | None) -> st
 
 
 def failure(run: Run, stage: str, error: BaseException,
-            aliases_before: dict[str, str | None] | None) -> str:
+            aliases_before: dict[str, str | None] | None,
+            aliases_now: dict[str, str | None] | Exception | None) -> str:
     return (f"# retrain {run.cfg.name} failed in `{stage}`\n\n```\n{type(error).__name__}: "
             f"{error}\n```\n\nMLflow run `{run.run_id}` is marked FAILED."
-            + aliases_note(run.registry, aliases_before) + "\n")
+            + aliases_note(aliases_before, aliases_now) + "\n")
 
 
 def summary(run: Run, version: ModelVersion, decision: promotion.PromotionDecision, prepared,
