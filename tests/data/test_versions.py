@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from phi3ops.config import DataConfig
 from phi3ops.data.drift import diff_dirs
-from phi3ops.data.ingest import Columns, import_dataset
+from phi3ops.data.ingest import Columns, Reading, import_dataset
 from phi3ops.data.versions import (
     DataError,
     checkout_version,
@@ -190,29 +190,34 @@ def test_training_on_an_earlier_rev_and_diffing_versions(project):
         checkout_version(project, CFG, rev="no-such-rev")
 
 
+def imported(source: Path, data: Path, reading: Reading | None = None) -> list[Path]:
+    return [done.written for done in import_dataset(source, data, reading or Reading())]
+
+
 def test_import_formats(tmp_path):
     data = tmp_path / "data"
     (tmp_path / "one.jsonl").write_text(row("a", "b") + "\n")
-    assert [p.name for p in import_dataset(tmp_path / "one.jsonl", data)] == ["one.jsonl"]
+    assert [p.name for p in imported(tmp_path / "one.jsonl", data)] == ["one.jsonl"]
 
     (tmp_path / "folder" / "sub").mkdir(parents=True)
     (tmp_path / "folder" / "sub" / "x.jsonl").write_text(row("c", "d") + "\n")
-    assert import_dataset(tmp_path / "folder", data) == [data / "folder" / "sub" / "x.jsonl"]
+    assert imported(tmp_path / "folder", data) == [data / "folder" / "sub" / "x.jsonl"]
 
     pd.DataFrame({"question": ["q1", "q2"], "answer": ["a1", "a2"], "sys": ["s", ""]}).to_csv(
         tmp_path / "table.csv", index=False)
-    [csv_out] = import_dataset(tmp_path / "table.csv", data, Columns("question", "answer", "sys"))
+    [csv_out] = imported(tmp_path / "table.csv", data,
+                         Reading(columns=Columns("question", "answer", "sys")))
     first, second = [json.loads(x)["messages"] for x in csv_out.read_text().splitlines()]
     assert first == [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
                      {"role": "assistant", "content": "a1"}]
     assert [m["role"] for m in second] == ["user", "assistant"]
 
     pd.DataFrame({"prompt": ["p"], "response": ["r"]}).to_parquet(tmp_path / "t.parquet")
-    [pq_out] = import_dataset(tmp_path / "t.parquet", data)
+    [pq_out] = imported(tmp_path / "t.parquet", data)
     assert json.loads(pq_out.read_text())["messages"][1] == {"role": "assistant", "content": "r"}
 
     Dataset.from_list([json.loads(row("e", "f"))]).save_to_disk(str(tmp_path / "saved"))
-    [saved_out] = import_dataset(tmp_path / "saved", data)
+    [saved_out] = imported(tmp_path / "saved", data)
     assert json.loads(saved_out.read_text()) == json.loads(row("e", "f"))
 
     with pytest.raises(DataError, match="would overwrite"):

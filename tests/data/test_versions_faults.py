@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from phi3ops.config import DataConfig
-from phi3ops.data.ingest import Columns, add_dataset
+from phi3ops.data.ingest import Columns, Reading, add_dataset
 from phi3ops.data.versions import (
     DataError,
     checkout_version,
@@ -238,9 +238,9 @@ def test_add_a_csv_with_wrong_columns_then_the_corrected_retry(pulled, tmp_path)
     assert snapshot(project) == before, "no empty data/cols.jsonl left behind"
 
     recorded = recorded_md5(project / "data.dvc")
-    version, old_md5, written = add_dataset(project, CFG, tmp_path / "cols.csv",
-                                            Columns("question", "answer"))
-    assert written == [project / "data" / "cols.jsonl"]
+    version, old_md5, read = add_dataset(project, CFG, tmp_path / "cols.csv",
+                                         Reading(columns=Columns("question", "answer")))
+    assert [done.written for done in read] == [project / "data" / "cols.jsonl"]
     assert old_md5 == recorded != version.md5 == recorded_md5(project / "data.dvc")
     assert version.n_rows == 1203 + 2 and version.n_files == 2
     assert verify_workspace(project, CFG) == version.md5
@@ -277,3 +277,19 @@ def test_validate_an_empty_file_fails(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "empty.jsonl: no conversation in 0 line(s)" in result.stderr
+
+
+def test_a_sharegpt_file_is_added_as_a_new_version_through_the_cli(pulled, tmp_path):
+    project, _ = pulled
+    conversation = {"conversations": [{"from": "customer", "value": "Where is my order?"},
+                                      {"from": "agent", "value": "It ships today."}]}
+    (tmp_path / "support.jsonl").write_text((json.dumps(conversation) + "\n") * 40)
+    added = phi3ops("data", "add", str(tmp_path / "support.jsonl"), "--role-map", "customer=user",
+                    "--role-map", "agent=assistant", "--root", str(project))
+    assert added.returncode == 0, added.stderr
+    assert f"wrote {project / 'data' / 'support.jsonl'}" in added.stdout
+    assert "(sharegpt): 40 row(s)" in added.stdout
+    assert verify_workspace(project, CFG) == recorded_md5(project / "data.dvc")
+    first = json.loads((project / "data" / "support.jsonl").read_text().splitlines()[0])
+    assert first == {"messages": [{"role": "user", "content": "Where is my order?"},
+                                  {"role": "assistant", "content": "It ships today."}]}

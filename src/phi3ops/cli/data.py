@@ -34,7 +34,13 @@ def data_version(pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path(".")):
 
 @data_app.command("add")
 def data_add(
-    source: Annotated[Path, typer.Argument(help="JSONL file/folder, saved dataset, CSV, Parquet")],
+    source: Annotated[Path, typer.Argument(
+        help="JSONL or JSON file, a folder of them, saved dataset, CSV, Parquet")],
+    fmt: Annotated[str, typer.Option("--format", help="auto (detected from the first record), "
+                                     "messages, openai, sharegpt or alpaca")] = "auto",
+    role_map: Annotated[list[str] | None, typer.Option(
+        help="a ShareGPT role name and what it is: NAME=user|assistant|system (repeatable)")
+    ] = None,
     prompt_column: Annotated[str, typer.Option(help="table column of the user turn")] = "prompt",
     response_column: Annotated[str, typer.Option(help="column of the assistant turn")] = "response",
     system_column: Annotated[str | None, typer.Option(help="optional system column")] = None,
@@ -44,15 +50,17 @@ def data_add(
 ):
     """Import a dataset into data/ in the messages format, then dvc add + dvc push; all or
     nothing: a refused file leaves data/ and data.dvc as they were."""
-    from phi3ops.data.ingest import Columns, add_dataset
+    from phi3ops.data.formats import parse_role_map
+    from phi3ops.data.ingest import Columns, Reading, add_dataset
 
     paths = ProjectPaths(root)
     cfg = load_pipeline(paths, pipeline)
-    columns = Columns(prompt_column, response_column, system_column)
-    version, before, written = add_dataset(paths.root, cfg.data, source, columns,
-                                           cfg.preprocess.max_reject_fraction, quarantine)
-    for path in written:
-        typer.echo(f"wrote {path}")
+    reading = Reading(fmt, parse_role_map(role_map),
+                      Columns(prompt_column, response_column, system_column))
+    version, before, read = add_dataset(paths.root, cfg.data, source, reading,
+                                        cfg.preprocess.max_reject_fraction, quarantine)
+    for done in read:
+        typer.echo(f"wrote {done.written}: {done.summary()}")
     _report_recorded(version, before)
 
 
@@ -127,11 +135,17 @@ def data_validate(
 ):
     """Check every line; rejected lines go to the quarantine file with file, line and rule.
     Exit 1 when more are rejected than allowed; 2 when the path is missing or has no line."""
+    from phi3ops.data.formats import foreign
     from phi3ops.data.validation import TooManyRejectedError, jsonl_files, validate_files
+    from phi3ops.errors import InvalidDataError
 
     paths = ProjectPaths(root)
     max_fraction = load_pipeline(paths, pipeline).preprocess.max_reject_fraction
-    report = validate_files(jsonl_files(path), Path.cwd(), quarantine)
+    files = jsonl_files(path)
+    for name in files:
+        if (why := foreign(name)) is not None:
+            raise InvalidDataError(why)
+    report = validate_files(files, Path.cwd(), quarantine)
     typer.echo(report.summary())
     if report.n_rejected:
         typer.echo(f"rejected lines: {quarantine}")

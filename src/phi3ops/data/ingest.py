@@ -1,13 +1,17 @@
 """Bring a team's data into data/ in the messages format, ready for `dvc add`.
 
+    phi3ops data add sharegpt.jsonl                 # ShareGPT, OpenAI, Alpaca: detected
     phi3ops data add exports/support.parquet --prompt-column question --response-column answer
 
-Accepts a JSONL file, a folder of JSONL files, a `datasets` dataset saved with save_to_disk, or a
-CSV / Parquet table with prompt and response columns (and optionally a system column). JSONL is
-copied byte for byte. An add is all or nothing: files are staged and validated with the rules
-preprocessing applies, and a file with no valid conversation (empty, binary, wrong columns) or
-more rejected lines than the pipeline tolerates is refused before anything reaches data/. An
-accepted file keeps its few bad lines: preprocessing quarantines them with their file and line.
+Accepts a JSONL file, a JSON array (.json), a folder of JSONL files, a `datasets` dataset saved
+with save_to_disk, or a CSV / Parquet table, holding conversations in any format of formats.py
+(or, in a table, prompt and response columns and optionally a system column). JSONL already in
+the messages format is copied byte for byte; every other source is written as messages JSONL,
+the same bytes for the same input. An add is all or nothing: files are staged and validated
+with the rules preprocessing applies, and a file with no valid conversation (empty, binary,
+wrong columns) or more rejected lines than the pipeline tolerates is refused before anything
+reaches data/. An accepted file keeps its few bad lines, as they were: preprocessing
+quarantines them with their file and line.
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi3ops.config import DataConfig, PreprocessConfig
+from phi3ops.data import formats
 from phi3ops.data.validation import TooManyRejectedError, validate_files
 from phi3ops.data.versions import DatasetVersion, record_version, verify_workspace
 from phi3ops.errors import DataError, InvalidDataError
 
 TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
+FILE_SUFFIXES = {".jsonl", ".json", *TABLE_SUFFIXES}
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,34 @@ class Columns:
     prompt: str = "prompt"
     response: str = "response"
     system: str | None = None
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How to read a source: its chat format ("auto": detected from its first record), names
+    for odd ShareGPT roles, and a table's columns."""
+
+    format: str = "auto"
+    role_map: Mapping[str, str] = field(default_factory=dict)
+    columns: Columns = Columns()
+
+
+@dataclass
+class Converted:
+    """What staging one file did: the format it read, rows written, rows kept as they were
+    because they could not be converted (by rule: validation quarantines them)."""
+
+    source: Path
+    format: str
+    rows: int = 0
+    kept_as_is: Counter = field(default_factory=Counter)
+    written: Path | None = None  # where it landed in data/
+
+    def summary(self) -> str:
+        text = f"{self.source} ({self.format}): {self.rows} row(s)"
+        if self.kept_as_is:
+            text += f"; not converted (left for the quarantine): {dict(self.kept_as_is)}"
+        return text
 
 
 def to_messages(record: dict, columns: Columns) -> dict:
@@ -48,6 +83,9 @@ def to_messages(record: dict, columns: Columns) -> dict:
 
 
 def _records(source: Path) -> Iterator[dict]:
+    if source.suffix == ".json":
+        yield from _json_records(source)
+        return
     if source.suffix in TABLE_SUFFIXES:
         import pandas as pd
 
@@ -63,6 +101,29 @@ def _records(source: Path) -> Iterator[dict]:
         yield from split
 
 
+def _json_records(source: Path) -> list:
+    """A .json file: an array of records (Alpaca's usual form), one record, or JSON lines."""
+    text = source.read_text(encoding="utf-8-sig")
+    try:
+        found = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return found if isinstance(found, list) else [found]
+
+
+def _format_of(first: object, reading: Reading, source: Path) -> str:
+    """The format named, or the one the first record shows; "columns" for a table's rows."""
+    if reading.format != "auto":
+        if reading.format not in formats.FORMATS:
+            raise InvalidDataError(f"--format {reading.format}: one of auto, "
+                                   f"{', '.join(formats.FORMATS)}")
+        return reading.format
+    found = formats.detect(first)
+    if found is None and isinstance(first, Mapping) and source.suffix != ".jsonl":
+        return "columns"
+    return found or "messages"
+
+
 def _check_columns(first: dict, columns: Columns, source: Path) -> None:
     if "messages" in first:
         return
@@ -74,46 +135,83 @@ def _check_columns(first: dict, columns: Columns, source: Path) -> None:
                                "--system-column")
 
 
-def _write_jsonl(records: Iterable[dict], out: Path, columns: Columns, source: Path) -> int:
-    n = 0
-    with out.open("w", encoding="utf-8") as f:
-        for record in records:
-            if n == 0:
-                _check_columns(record, columns, source)
-            row = to_messages(record, columns)
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            n += 1
-    if n == 0:
+def _write_converted(rows: Iterable[tuple[object, bytes | None]], out: Path, fmt: str,
+                     reading: Reading, source: Path) -> Converted:
+    """Each record as messages JSONL; one that cannot be converted is written as it was (its
+    line, or its JSON), for validation to quarantine with its line number."""
+    done = Converted(source, fmt)
+    with out.open("wb") as f:
+        for record, raw in rows:
+            try:
+                if record is None:
+                    raise formats.ConversionError("invalid_json", "the line is not JSON")
+                row = to_messages(record, reading.columns) if fmt == "columns" \
+                    else formats.to_messages(record, fmt, reading.role_map)
+                f.write((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode())
+                done.rows += 1
+            except formats.ConversionError as e:
+                f.write(raw if raw is not None else
+                        (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode())
+                done.kept_as_is[e.rule] += 1
+    if not done.rows and not done.kept_as_is:
         raise InvalidDataError(f"{source}: no rows")
-    return n
+    return done
+
+
+def _lines(lines: list[bytes]) -> Iterator[tuple[object, bytes]]:
+    """(record, raw line) of each non-blank JSONL line; None for a line that is not JSON."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8-sig"))
+        except ValueError:  # not UTF-8, or not JSON
+            record = None
+        yield record, line if line.endswith(b"\n") else line + b"\n"
 
 
 def _destinations(source: Path) -> list[tuple[Path, Path]]:
     """(input file, path relative to data/) of every file an import writes."""
     if source.is_file() and source.suffix == ".jsonl":
         return [(source, Path(source.name))]
-    if source.is_file() and source.suffix not in TABLE_SUFFIXES:
-        raise InvalidDataError(f"{source}: not a .jsonl, .csv or .parquet file, nor a folder; "
-                               "give chat JSONL, a table, or a `datasets` save_to_disk folder")
+    if source.is_file() and source.suffix not in FILE_SUFFIXES:
+        raise InvalidDataError(f"{source}: not a .jsonl, .json, .csv or .parquet file, nor a "
+                               "folder; give chat JSONL or JSON, a table, or a `datasets` "
+                               "save_to_disk folder")
     if source.is_dir() and not (source / "dataset_info.json").is_file() \
             and not (source / "dataset_dict.json").is_file():
-        files = sorted(source.rglob("*.jsonl"))
+        files = sorted(f for f in source.rglob("*") if f.suffix in (".jsonl", ".json"))
         if not files:
-            raise InvalidDataError(f"{source}: a folder with no *.jsonl files and no saved "
-                                   "dataset")
-        return [(f, source.name / f.relative_to(source)) for f in files]
+            raise InvalidDataError(f"{source}: a folder with no *.jsonl or *.json files and no "
+                                   "saved dataset")
+        return [(f, (source.name / f.relative_to(source)).with_suffix(".jsonl")) for f in files]
     return [(source, Path(f"{source.stem if source.is_file() else source.name}.jsonl"))]
 
 
-def _stage(src: Path, dst: Path, columns: Columns) -> None:
+def _stage(src: Path, dst: Path, reading: Reading) -> Converted:
+    """`src` as messages JSONL at `dst`: JSONL in that format byte for byte, the rest converted."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.suffix == ".jsonl":
-        shutil.copyfile(src, dst)
-        return
+        lines = src.read_bytes().splitlines(keepends=True)
+        first = next((record for record, _ in _lines(lines) if record is not None), None)
+        fmt = _format_of(first, reading, src)
+        if fmt == "messages":
+            shutil.copyfile(src, dst)
+            return Converted(src, fmt, sum(1 for line in lines if line.strip()))
+        return _write_converted(_lines(lines), dst, fmt, reading, src)
     try:
-        _write_jsonl(_records(src), dst, columns, src)
-    except ValueError as e:  # pandas, pyarrow and the UTF-8 codec raise ValueError subclasses
-        raise InvalidDataError(f"{src}: cannot be read as a table or saved dataset: {e}") from None
+        records = iter(_records(src))
+        first = next(records, None)
+        if first is None:
+            raise InvalidDataError(f"{src}: no rows")
+        fmt = _format_of(first, reading, src)
+        if fmt == "columns":
+            _check_columns(first, reading.columns, src)
+        rows = ((record, None) for record in (first, *records))
+        return _write_converted(rows, dst, fmt, reading, src)
+    except ValueError as e:  # json, pandas, pyarrow and UTF-8 errors are ValueError subclasses
+        raise InvalidDataError(f"{src}: cannot be read as JSON, a table or a saved dataset: "
+                               f"{e}") from None
 
 
 def _validate(src: Path, staged: Path, staging: Path, max_reject_fraction: float,
@@ -145,12 +243,13 @@ def remove_imported(written: list[Path], data_dir: Path, keep_data_dir: bool = T
             folder.rmdir()
 
 
-def import_dataset(source: Path, data_dir: Path, columns: Columns = Columns(),
+def import_dataset(source: Path, data_dir: Path, reading: Reading = Reading(),
                    max_reject_fraction: float = PreprocessConfig().max_reject_fraction,
-                   quarantine: Path | None = None) -> list[Path]:
+                   quarantine: Path | None = None) -> list[Converted]:
     """Copy or convert `source` into data_dir, all or nothing: every file is written to a
     staging folder beside data_dir and validated there, and only then moved in (a rename).
-    Never overwrites. Returns the files written; rejected lines go to `quarantine` on refusal."""
+    Never overwrites. Returns what was read and written; rejected lines go to `quarantine` on
+    refusal."""
     if not source.exists():
         raise InvalidDataError(f"{source}: no such file or folder")
     pairs = _destinations(source)
@@ -160,25 +259,27 @@ def import_dataset(source: Path, data_dir: Path, columns: Columns = Columns(),
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".phi3ops-add-", dir=data_dir.parent) as tmp:
         staging = Path(tmp) / "data"
+        read = []
         for src, rel in pairs:
-            _stage(src, staging / rel, columns)
+            read.append(_stage(src, staging / rel, reading))
             _validate(src, staging / rel, staging, max_reject_fraction, quarantine)
         written: list[Path] = []
         try:
-            for _, rel in pairs:
+            for (_, rel), done in zip(pairs, read, strict=True):
                 (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(staging / rel, data_dir / rel)
                 written.append(data_dir / rel)
+                done.written = data_dir / rel
         except BaseException:
             remove_imported(written, data_dir)
             raise
-    return written
+    return read
 
 
-def add_dataset(root: Path, cfg: DataConfig, source: Path, columns: Columns = Columns(),
+def add_dataset(root: Path, cfg: DataConfig, source: Path, reading: Reading = Reading(),
                 max_reject_fraction: float = PreprocessConfig().max_reject_fraction,
                 quarantine: Path | None = None,
-                ) -> tuple[DatasetVersion, str | None, list[Path]]:
+                ) -> tuple[DatasetVersion, str | None, list[Converted]]:
     """`phi3ops data add`: import into data/ and record the result (dvc add + dvc push), all or
     nothing. data/ must first be the version data.dvc records: a new version is data/ as it is,
     so one not pulled would drop the recorded rows, and one edited would slip edits in. Any
@@ -195,14 +296,14 @@ def add_dataset(root: Path, cfg: DataConfig, source: Path, columns: Columns = Co
             ) from None
     recorded = dvc_file.read_bytes() if dvc_file.is_file() else None
     had_data_dir = data_dir.is_dir()
-    written = import_dataset(source, data_dir, columns, max_reject_fraction, quarantine)
+    read = import_dataset(source, data_dir, reading, max_reject_fraction, quarantine)
     try:
         version, before = record_version(root, cfg)
     except BaseException:
-        remove_imported(written, data_dir, keep_data_dir=had_data_dir)
+        remove_imported([done.written for done in read], data_dir, keep_data_dir=had_data_dir)
         if recorded is None:
             dvc_file.unlink(missing_ok=True)
         else:
             dvc_file.write_bytes(recorded)
         raise
-    return version, before, written
+    return version, before, read
