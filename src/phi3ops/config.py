@@ -95,6 +95,10 @@ class PreprocessConfig(_Frozen):
     max_reject_fraction: float = Field(
         0.2, ge=0, le=1, description="fail the run when more of the input than this is rejected"
     )
+    on_secrets: Literal["fail", "warn"] = Field(
+        "fail", description="a key or token in the data (data/inspection.py) fails the run, or "
+        "is only reported"
+    )
     seed: int = 0
 
 

@@ -18,6 +18,7 @@ from phi3ops import report
 from phi3ops.config import MlflowConfig, PipelineConfig, ProjectPaths, sha256_json
 from phi3ops.data.preprocess import PreprocessResult
 from phi3ops.data.versions import DatasetVersion
+from phi3ops.errors import DataError
 from phi3ops.registry import code_version, promotion, runs, store
 from phi3ops.registry.client import Registry
 from phi3ops.steps import LocalSteps, Publishing, Run, Steps
@@ -70,6 +71,27 @@ def checkout(run: Run, data_rev: str | None = None, steps: Steps = LOCAL) -> Dat
                                    "phi3ops.data_git_rev": dataset.git_rev,
                                    "phi3ops.data_rev": data_rev or "work tree"})
     return dataset
+
+
+def report_data(run: Run, dataset: DatasetVersion, steps: Steps = LOCAL):
+    """The data report (data/inspection.py), shown and logged; a secret in the data fails the
+    run before anything is trained on it, unless `preprocess.on_secrets: warn`."""
+    from phi3ops.data.inspection import inspect_files
+    from phi3ops.data.validation import jsonl_files
+
+    found = inspect_files(jsonl_files(Path(dataset.path)), Path(dataset.path), run.cfg.preprocess)
+    steps.show("data-report", found.markdown())
+    if run.run_id:
+        runs.log_text(run.registry, run.run_id, found.markdown(), "data/report.md")
+        runs.log_samples(run.registry, run.run_id, [
+            {"where": f.where, "kind": f.kind, "shown": f.shown} for f in found.findings],
+            "data/findings.json")
+    if found.secrets and run.cfg.preprocess.on_secrets == "fail":
+        raise DataError(
+            f"{len(found.secrets)} secret(s) in dataset {dataset.md5}, which the model would "
+            "learn and repeat: " + "; ".join(map(str, found.secrets[:5])) + ". Remove them and "
+            "record the data again (`phi3ops data version`), or set preprocess.on_secrets: warn.")
+    return found
 
 
 def prepare(run: Run, dataset: DatasetVersion, steps: Steps = LOCAL) -> Prepared:
@@ -198,6 +220,7 @@ class Retrain:
         if drift := data_drift(run, dataset):
             steps.show("data-drift", drift)
         self.at("preprocess")
+        report_data(run, dataset, steps)
         prepared = prepare(run, dataset, steps)
         log.info("preprocess: %s", prepared.prep.summary())
         if prepared.template_note:

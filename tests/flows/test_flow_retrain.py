@@ -85,7 +85,9 @@ def test_retrain_registers_promotes_and_loads_back(project, mlflow_server, prefe
     assert [a.path for a in client.list_artifacts(run.info.run_id, "train")] == [
         "train/loss_curve.png"]
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "data")) == [
-        "data/quarantine.jsonl", "data/stats.json", "data/token_lengths.png"]
+        "data/quarantine.jsonl", "data/report.md", "data/stats.json", "data/token_lengths.png"]
+    report = client.download_artifacts(run.info.run_id, "data/report.md")
+    assert "secrets: 0; personal data: 0" in Path(report).read_text(), "the demo data is clean"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "eval")] == [
         "eval/samples.json"]
 

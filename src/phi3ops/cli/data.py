@@ -3,6 +3,7 @@ demo)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -154,6 +155,43 @@ def data_validate(
     except TooManyRejectedError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[Path | None, typer.Argument(
+        help="a .jsonl file or a folder of them; default: the data/ of the work tree")] = None,
+    rev: Annotated[str | None, typer.Option(help="inspect the version of a git rev instead")
+                   ] = None,
+    tokens: Annotated[bool, typer.Option(
+        help="count tokens with the pipeline's tokenizer (loads it)")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="the findings as JSON")] = False,
+    pipeline: Pipeline = DEFAULT_PIPELINE, root: Root = Path("."),
+):
+    """A report before training: rows, turns, roles, token lengths against max_length, exact and
+    near duplicates, near duplicates across train and held-out, writing systems, and secrets or
+    personal data with file:line. Exit 1 when a secret is found."""
+    from phi3ops.data.inspection import inspect_files
+    from phi3ops.data.validation import jsonl_files
+    from phi3ops.data.versions import checkout_version
+
+    paths = ProjectPaths(root)
+    cfg = load_pipeline(paths, pipeline)
+    if rev is not None:
+        path = Path(checkout_version(paths.root, cfg.data, rev).path)
+    tokenizer = None
+    if tokens:
+        from phi3ops.model.base_model import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model, paths.models)
+    found = inspect_files(jsonl_files(path or paths.root / cfg.data.path), Path.cwd(),
+                          cfg.preprocess, tokenizer)
+    if as_json:
+        typer.echo(json.dumps(found.as_json(), ensure_ascii=False, indent=1))
+    else:
+        typer.echo(found.markdown())
+    if found.secrets:
+        raise typer.Exit(1)
 
 
 @data_app.command("demo")

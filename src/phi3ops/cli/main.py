@@ -143,7 +143,9 @@ def train(
     cfg = load_pipeline(paths, pipeline, [*(overrides or []), *extra])
     # Machine, weights and template checked before fetching data; no MLflow run.
     run = Run(paths, cfg, checked=preflight(cfg, paths.models))
-    prepared = stages.prepare(run, stages.checkout(run, data_rev))
+    dataset = stages.checkout(run, data_rev)
+    stages.report_data(run, dataset)  # a secret in the data stops here (preprocess.on_secrets)
+    prepared = stages.prepare(run, dataset)
     if prepared.template_note:
         typer.echo(f"warning: {prepared.template_note}", err=True)
     out_dir = (out or paths.runs / f"train-{cfg.name}-{cfg.config_hash()}").resolve()
