@@ -230,7 +230,18 @@ def main(job_path: str) -> int:
         return 2
     if node_first:
         write_json_atomic(out_dir / RESULT_FILE, result.to_json())
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """End this rank's part in the process group before the interpreter exits: with gloo's
+    threads still running at shutdown the process can abort ("terminate called without an
+    active exception", exit -6) after a complete training, and torchrun reports a crash."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
