@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 
 from phi3ops import progress
@@ -153,6 +154,13 @@ class MetricsForwarder:
         if self.thread.is_alive():
             self.thread.join()
 
+    @cached_property
+    def registry(self):
+        """The run's server, built on the first forward (MLflow is imported only with a run)."""
+        from phi3ops.registry.client import Registry
+
+        return Registry.at(self.tracking_uri)
+
     def _run(self) -> None:
         while not self.stop.wait(FORWARD_EVERY_S):
             self.forward()
@@ -170,10 +178,9 @@ class MetricsForwarder:
         self.offset += len(complete)
         points = [json.loads(line) for line in complete.splitlines()]
         from phi3ops.registry import runs
-        from phi3ops.registry.client import Registry
 
         try:
-            runs.log_metric_steps(Registry.at(self.tracking_uri), self.run_id,
+            runs.log_metric_steps(self.registry, self.run_id,
                                   [(p["step"], p["metrics"]) for p in points])
         except Exception as e:  # noqa: BLE001 - metrics are best effort here
             log.warning("could not log training metrics of steps %s: %s",
