@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from phi3ops.data.formats import ConversionError, detect, parse_role_map, to_messages
+from phi3ops.data.formats import ConversionError, convert, detect, parse_role_map
 from phi3ops.data.ingest import Reading, import_dataset
 from phi3ops.data.validation import validate_files
 from phi3ops.errors import InvalidDataError
@@ -36,19 +36,19 @@ def test_each_format_is_detected_from_one_record():
 
 
 def test_each_format_converts_to_the_same_turns():
-    assert turns(to_messages(SHAREGPT, "sharegpt")) == [
+    assert turns(convert(SHAREGPT, "sharegpt")) == [
         ("system", "Be brief."), ("user", "Capital of France?"), ("assistant", "Paris."),
         ("user", "And Italy?"), ("assistant", "Rome.")]
-    assert turns(to_messages(OPENAI, "openai")) == [
+    assert turns(convert(OPENAI, "openai")) == [
         ("system", "Be brief."), ("user", "Capital of France?"), ("assistant", "Paris.")]
-    assert turns(to_messages(ALPACA, "alpaca")) == [
+    assert turns(convert(ALPACA, "alpaca")) == [
         ("user", "Translate to French.\n\nGood morning"), ("assistant", "Bonjour")]
-    assert turns(to_messages({**ALPACA, "input": ""}, "alpaca"))[0] == (
+    assert turns(convert({**ALPACA, "input": ""}, "alpaca"))[0] == (
         "user", "Translate to French.")
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "},
                                                        {"type": "text", "text": "there"}]},
                           {"role": "assistant", "content": "Hello"}]}
-    assert turns(to_messages(parts, "openai"))[0] == ("user", "Hi there")
+    assert turns(convert(parts, "openai"))[0] == ("user", "Hi there")
 
 
 @pytest.mark.parametrize(("record", "fmt", "rule", "says"), [
@@ -69,14 +69,14 @@ def test_each_format_converts_to_the_same_turns():
 ])
 def test_what_cannot_be_converted_is_named(record, fmt, rule, says):
     with pytest.raises(ConversionError) as e:
-        to_messages(record, fmt)
+        convert(record, fmt)
     assert e.value.rule == rule and says in e.value.detail
 
 
 def test_odd_role_names_are_mapped_by_hand():
     record = {"conversations": [{"from": "Customer", "value": "hi"},
                                 {"from": "Bot", "value": "yo"}]}
-    mapped = to_messages(record, "sharegpt", parse_role_map(["customer=user", "bot=assistant"]))
+    mapped = convert(record, "sharegpt", parse_role_map(["customer=user", "bot=assistant"]))
     assert turns(mapped) == [("user", "hi"), ("assistant", "yo")]
     with pytest.raises(InvalidDataError, match="NAME=user, NAME=assistant or NAME=system"):
         parse_role_map(["bot=robot"])
@@ -105,7 +105,7 @@ def test_files_in_each_format_land_in_data_as_valid_messages(tmp_path):
         source / "messages.jsonl").read_bytes(), "messages JSONL is copied byte for byte"
     report = validate_files(sorted(data.rglob("*.jsonl")), data, tmp_path / "q.jsonl")
     assert (report.n_lines, report.n_rejected) == (160, 0)
-    assert turns(report.accepted[0]) == turns(to_messages(ALPACA, "alpaca"))
+    assert turns(report.accepted[0]) == turns(convert(ALPACA, "alpaca"))
 
 
 def test_a_conversion_is_byte_stable(tmp_path):

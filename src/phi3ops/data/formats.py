@@ -69,7 +69,7 @@ def detect(record: object) -> str | None:
     return None
 
 
-def to_messages(record: Mapping, fmt: str, role_map: Mapping[str, str] | None = None) -> dict:
+def convert(record: Mapping, fmt: str, role_map: Mapping[str, str] | None = None) -> dict:
     """One record of `fmt` as `{"messages": [...]}`; ConversionError names what stops it."""
     if not isinstance(record, Mapping):
         raise ConversionError("not_an_object", f"a {type(record).__name__}, not a JSON object")

@@ -146,7 +146,7 @@ def _write_converted(rows: Iterable[tuple[object, bytes | None]], out: Path, fmt
                 if record is None:
                     raise formats.ConversionError("invalid_json", "the line is not JSON")
                 row = to_messages(record, reading.columns) if fmt == "columns" \
-                    else formats.to_messages(record, fmt, reading.role_map)
+                    else formats.convert(record, fmt, reading.role_map)
                 f.write((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode())
                 done.rows += 1
             except formats.ConversionError as e:
@@ -158,7 +158,7 @@ def _write_converted(rows: Iterable[tuple[object, bytes | None]], out: Path, fmt
     return done
 
 
-def _lines(lines: list[bytes]) -> Iterator[tuple[object, bytes]]:
+def _lines(lines: Iterable[bytes]) -> Iterator[tuple[object, bytes]]:
     """(record, raw line) of each non-blank JSONL line; None for a line that is not JSON."""
     for line in lines:
         if not line.strip():
@@ -191,14 +191,16 @@ def _destinations(source: Path) -> list[tuple[Path, Path]]:
 def _stage(src: Path, dst: Path, reading: Reading) -> Converted:
     """`src` as messages JSONL at `dst`: JSONL in that format byte for byte, the rest converted."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.suffix == ".jsonl":
-        lines = src.read_bytes().splitlines(keepends=True)
-        first = next((record for record, _ in _lines(lines) if record is not None), None)
+    if src.suffix == ".jsonl":  # streamed: read up to its first record, then once more
+        with src.open("rb") as lines:
+            first = next((record for record, _ in _lines(lines) if record is not None), None)
         fmt = _format_of(first, reading, src)
-        if fmt == "messages":
-            shutil.copyfile(src, dst)
-            return Converted(src, fmt, sum(1 for line in lines if line.strip()))
-        return _write_converted(_lines(lines), dst, fmt, reading, src)
+        with src.open("rb") as lines:
+            if fmt != "messages":
+                return _write_converted(_lines(lines), dst, fmt, reading, src)
+            rows = sum(1 for line in lines if line.strip())
+        shutil.copyfile(src, dst)
+        return Converted(src, fmt, rows)
     try:
         records = iter(_records(src))
         first = next(records, None)
